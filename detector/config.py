@@ -1,0 +1,243 @@
+"""One typed default config, YAML files on top of it, and `--set key=value` overrides.
+
+Unknown keys are rejected (in YAML files and overrides alike), values are
+checked against the field's type, and `to_dict()` gives what every run prints
+and saves.  Defaults are *our* measured choices; `configs/zf5_paper.yaml`
+holds the original system's settings (SPEC.md).
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class BackboneConfig:
+    name: str = "efficientnet_lite0"  # efficientnet_lite0 | zf5 | alexnet | vgg16 | resnet50
+    weights: Optional[str] = None  # file path; None: the backbone's offline default, if it has one
+    random_init: bool = False  # allow random weights (tests, smoke runs); never silently
+    download: bool = False  # torchvision backbones only: fetch missing weights from the internet
+    cut: str = "stride16"  # efficientnet_lite0 only: stride16 (after block 5, 112 ch) | stride32
+
+
+@dataclass
+class FeatureConfig:
+    scales: list = field(default_factory=lambda: [688])  # shorter side, px; SPEC: [688] or 5 scales
+    max_size: int = 2000  # cap on the longer side after resizing (the original has none)
+    scale_rule: str = "paper"  # paper: window area nearest 224^2 | code: round(208*min(H,W)/sqrt(area))
+    cache_dtype: str = "float16"
+    device: str = "auto"  # auto | cpu | cuda
+    batch_images: int = 1
+
+
+@dataclass
+class ProposalConfig:
+    method: str = "selective_search"
+    mode: str = "fast"  # fast | quality | single
+    resize: int = 500  # longer side (px) selective search runs at; boxes are mapped back
+    min_size: int = 8  # drop boxes thinner than this (original pixels)
+    top_k: int = 2000
+    workers: int = 2
+
+
+@dataclass
+class SPPConfig:
+    levels: list = field(default_factory=lambda: [1, 2, 3, 6])
+
+
+@dataclass
+class FinetuneConfig:
+    enabled: bool = True
+    fc_dims: list = field(default_factory=lambda: [1024, 1024])
+    dropout: float = 0.5
+    iterations: int = 3000
+    batch_size: int = 128
+    fg_fraction: float = 0.25
+    fg_iou: float = 0.5
+    bg_iou_lo: float = 0.1
+    lr: float = 1e-3
+    lr_steps: list = field(default_factory=lambda: [2000])  # iterations at which lr drops 10x
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    flip: bool = True
+    checkpoint_every: int = 500
+
+
+@dataclass
+class SVMConfig:
+    layer: str = "fc7"  # fc7 (fine-tuned) | pool5
+    C: float = 0.001
+    pos_weight: float = 2.0
+    intercept_scaling: float = 10.0
+    neg_iou: float = 0.3
+    hard_thresh: float = -1.0001
+    evict_thresh: float = -1.2
+    retrain_every: int = 2000
+    target_norm: float = 20.0
+    norm_images: int = 200
+    norm_boxes: int = 200
+    max_iter: int = 10000
+
+
+@dataclass
+class BBoxConfig:
+    enabled: bool = True
+    iou_thresh: float = 0.5
+    lam: float = 4000.0
+    whiten: bool = True
+
+
+@dataclass
+class TestConfig:
+    score_thresh: float = -1.5
+    nms_iou: float = 0.3
+    max_per_image: int = 100
+    second_nms: bool = True
+
+
+@dataclass
+class Config:
+    classes: Optional[list] = None  # None: taken from the dataset's annotations
+    seed: int = 0
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    features: FeatureConfig = field(default_factory=FeatureConfig)
+    proposals: ProposalConfig = field(default_factory=ProposalConfig)
+    spp: SPPConfig = field(default_factory=SPPConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    svm: SVMConfig = field(default_factory=SVMConfig)
+    bbox: BBoxConfig = field(default_factory=BBoxConfig)
+    test: TestConfig = field(default_factory=TestConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def dump(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _check_value(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin is typing.Union:  # Optional[X]
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _check_value(value, args[0], key)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    if tp is list or origin is list:
+        if isinstance(value, tuple):
+            value = list(value)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return value
+    return value
+
+
+def _apply(obj: Any, data: dict, prefix: str = "") -> None:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
+    fields = {f.name: f for f in dataclasses.fields(obj)}
+    hints = typing.get_type_hints(type(obj))
+    for k, v in data.items():
+        key = prefix + str(k)
+        if k not in fields:
+            raise ConfigError(f"unknown config key '{key}'; valid keys here: {', '.join(sorted(fields))}")
+        cur = getattr(obj, k)
+        if dataclasses.is_dataclass(cur):
+            _apply(cur, v, key + ".")
+        else:
+            setattr(obj, k, _check_value(v, hints[k], key))
+
+
+def set_value(cfg: Config, key: str, value: Any) -> None:
+    parts = key.split(".")
+    data: Any = value
+    for p in reversed(parts):
+        data = {p: data}
+    _apply(cfg, data)
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """'a.b=VALUE' -> ('a.b', yaml-parsed VALUE)."""
+    if "=" not in item:
+        raise ConfigError(f"override '{item}' must look like key=value")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override '{item}': cannot parse value ({e})") from e
+    return key.strip(), value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    cfg = Config()
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: invalid YAML ({e})") from e
+        try:
+            _apply(cfg, data)
+        except ConfigError as e:
+            raise ConfigError(f"{p}: {e}") from e
+    for item in overrides or []:
+        k, v = parse_override(item)
+        set_value(cfg, k, v)
+    validate(cfg)
+    return cfg
+
+
+def config_from_dict(data: dict) -> Config:
+    cfg = Config()
+    _apply(cfg, data)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    f = cfg.features
+    if not f.scales or any((not isinstance(s, int)) or s < 32 for s in f.scales):
+        raise ConfigError(f"features.scales must be a non-empty list of integers >= 32, got {f.scales}")
+    if f.scale_rule not in ("paper", "code"):
+        raise ConfigError(f"features.scale_rule must be 'paper' or 'code', got {f.scale_rule!r}")
+    if f.max_size < max(f.scales):
+        raise ConfigError(f"features.max_size ({f.max_size}) is below the largest scale ({max(f.scales)})")
+    if cfg.proposals.mode not in ("fast", "quality", "single"):
+        raise ConfigError(f"proposals.mode must be fast, quality or single, got {cfg.proposals.mode!r}")
+    if not cfg.spp.levels or any((not isinstance(n, int)) or n < 1 for n in cfg.spp.levels):
+        raise ConfigError(f"spp.levels must be positive integers, got {cfg.spp.levels}")
+    if cfg.svm.layer not in ("fc7", "pool5"):
+        raise ConfigError(f"svm.layer must be fc7 or pool5, got {cfg.svm.layer!r}")
+    if not 0 < cfg.finetune.fg_fraction <= 1:
+        raise ConfigError("finetune.fg_fraction must be in (0, 1]")
+
+
+def add_config_args(parser) -> None:
+    parser.add_argument("--config", default=None, help="YAML config file (see configs/)")
+    parser.add_argument("--set", dest="overrides", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="override config keys, e.g. --set features.scales=[480,688] svm.C=0.01")
