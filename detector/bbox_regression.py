@@ -1,0 +1,302 @@
+"""Bounding-box regression (SPEC §6, R-CNN's `rcnn_train_bbox_regressor.m`).
+
+Targets use our continuous box convention (w = x2 - x1, cx = x1 + w/2):
+tx = (gcx - cx)/w, ty = (gcy - cy)/h, tw = log(gw/w), th = log(gh/h).
+
+Per class, as the original:
+* features are pool5 rescaled to mean norm 20 *by the caller*; a constant-1
+  column is appended here (the bias);
+* targets are whitened: centred on their mean mu and multiplied by
+  T = V diag(1/sqrt(d + 0.001)) V^T (the eigen-decomposition of their biased
+  covariance; the 0.001 is the original's, keeps T finite for degenerate
+  classes); prediction undoes it with T_inv = V diag(sqrt(d + 0.001)) V^T, + mu;
+* ridge regression, min ||A B - Y||^2 + lam ||B||^2 with A = [X, 1], so the
+  bias is regularised too (the original's `(A'A + lam I) \\ A'y`).  We solve
+  whichever of the primal ((D+1)x(D+1)) and dual (NxN) systems is smaller;
+  both give the same B.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Mapping, Optional, Sequence
+
+import numpy as np
+import scipy.linalg
+import torch
+from torchvision.ops import box_iou
+
+# torchvision's bbox_xform_clip: never scale a box up by more than 1000/16 in decode.
+BBOX_XFORM_CLIP = math.log(1000.0 / 16)
+WHITEN_EPS = 0.001  # added to the covariance eigenvalues, as in R-CNN
+
+
+def _boxes(a: np.ndarray, name: str) -> np.ndarray:
+    a = np.asarray(a, np.float64)
+    if a.ndim != 2 or a.shape[1] != 4:
+        raise ValueError(f"{name}: expected [N, 4] boxes, got shape {a.shape}")
+    if not np.all(np.isfinite(a)):
+        raise ValueError(f"{name}: boxes contain NaN or inf")
+    return a
+
+
+def _check_positive_size(a: np.ndarray, name: str) -> None:
+    bad = np.flatnonzero((a[:, 2] <= a[:, 0]) | (a[:, 3] <= a[:, 1]))
+    if len(bad):
+        i = int(bad[0])
+        raise ValueError(f"{name}: {len(bad)} box(es) with zero or negative width/height, "
+                         f"first at row {i}: {a[i].tolist()}")
+
+
+def encode(boxes: np.ndarray, gt_boxes: np.ndarray) -> np.ndarray:
+    """Regression targets [N, 4] (tx, ty, tw, th), float64, taking boxes onto gt_boxes."""
+    boxes, gt = _boxes(boxes, "encode: boxes"), _boxes(gt_boxes, "encode: gt_boxes")
+    if len(boxes) != len(gt):
+        raise ValueError(f"encode: {len(boxes)} boxes but {len(gt)} gt_boxes")
+    _check_positive_size(boxes, "encode: boxes")
+    _check_positive_size(gt, "encode: gt_boxes")
+    w, h = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+    gw, gh = gt[:, 2] - gt[:, 0], gt[:, 3] - gt[:, 1]
+    cx, cy = boxes[:, 0] + 0.5 * w, boxes[:, 1] + 0.5 * h
+    gcx, gcy = gt[:, 0] + 0.5 * gw, gt[:, 1] + 0.5 * gh
+    return np.stack([(gcx - cx) / w, (gcy - cy) / h, np.log(gw / w), np.log(gh / h)], axis=1)
+
+
+def decode(boxes: np.ndarray, deltas: np.ndarray) -> np.ndarray:
+    """Apply deltas [N, 4] to boxes [N, 4]; float32 boxes.  tw, th are clipped at
+    log(1000/16) before exp (torchvision's guard against overflow)."""
+    boxes = _boxes(boxes, "decode: boxes")
+    d = np.asarray(deltas, np.float64)
+    if d.shape != boxes.shape:
+        raise ValueError(f"decode: deltas shape {d.shape} differs from boxes shape {boxes.shape}")
+    if not np.all(np.isfinite(d)):
+        raise ValueError("decode: deltas contain NaN or inf")
+    w, h = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+    cx, cy = boxes[:, 0] + 0.5 * w, boxes[:, 1] + 0.5 * h
+    pcx, pcy = d[:, 0] * w + cx, d[:, 1] * h + cy
+    pw = np.exp(np.minimum(d[:, 2], BBOX_XFORM_CLIP)) * w
+    ph = np.exp(np.minimum(d[:, 3], BBOX_XFORM_CLIP)) * h
+    return np.stack([pcx - 0.5 * pw, pcy - 0.5 * ph, pcx + 0.5 * pw, pcy + 0.5 * ph], axis=1).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------
+# training examples
+
+
+@dataclass
+class RegressionExamples:
+    """Selected training windows of one image.
+
+    is_gt[i]: whether example i is a ground-truth box (else a proposal);
+    index[i]: its row in gt_boxes (if is_gt) or in proposals;
+    boxes, gt_boxes: [n, 4] the example and its assigned (best-overlapping) GT;
+    gt_index, labels: [n] the assigned GT's row and class.
+    """
+
+    is_gt: np.ndarray
+    index: np.ndarray
+    boxes: np.ndarray
+    gt_index: np.ndarray
+    gt_boxes: np.ndarray
+    labels: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+
+def select_regression_examples(proposals: np.ndarray, gt_boxes: np.ndarray, gt_labels: np.ndarray,
+                               iou_thresh: float = 0.5) -> RegressionExamples:
+    """GT boxes, then proposals, whose IoU with some GT box exceeds iou_thresh (strictly),
+    each assigned the GT it overlaps most (first one on ties)."""
+    props = _boxes(proposals, "select_regression_examples: proposals")
+    gt = _boxes(gt_boxes, "select_regression_examples: gt_boxes")
+    gl = np.asarray(gt_labels, np.int64).reshape(-1)
+    if len(gl) != len(gt):
+        raise ValueError(f"select_regression_examples: {len(gt)} gt_boxes but {len(gl)} gt_labels")
+    cand = np.concatenate([gt, props], axis=0)
+    is_gt = np.arange(len(cand)) < len(gt)
+    index = np.concatenate([np.arange(len(gt)), np.arange(len(props))]).astype(np.int64)
+    if len(gt) == 0 or len(cand) == 0:
+        e = np.zeros(0, np.int64)
+        return RegressionExamples(np.zeros(0, bool), e, np.zeros((0, 4), np.float32), e,
+                                  np.zeros((0, 4), np.float32), e)
+    iou = box_iou(torch.from_numpy(cand), torch.from_numpy(gt)).numpy()
+    iou = np.nan_to_num(iou, nan=0.0)  # zero-area boxes
+    best = iou.argmax(axis=1)
+    sel = np.flatnonzero(iou[np.arange(len(cand)), best] > iou_thresh)
+    return RegressionExamples(is_gt[sel], index[sel], cand[sel].astype(np.float32), best[sel].astype(np.int64),
+                              gt[best[sel]].astype(np.float32), gl[best[sel]])
+
+
+# ----------------------------------------------------------------------------
+# model
+
+
+@dataclass
+class BoxRegressor:
+    """Per-class linear box regressors; all fields plain numpy arrays.
+
+    weights: [K, D+1, 4] (last row: the bias, applied to the constant-1 feature)
+    mu: [K, 4] target means; T, T_inv: [K, 4, 4] whitening and its inverse;
+    trained: [K] bool (untrained classes leave boxes unchanged).
+    """
+
+    weights: np.ndarray
+    mu: np.ndarray
+    T: np.ndarray
+    T_inv: np.ndarray
+    trained: np.ndarray
+
+    def __post_init__(self):
+        self.weights = np.asarray(self.weights, np.float32)
+        self.mu = np.asarray(self.mu, np.float64)
+        self.T = np.asarray(self.T, np.float64)
+        self.T_inv = np.asarray(self.T_inv, np.float64)
+        self.trained = np.asarray(self.trained, bool)
+        if self.weights.ndim != 3 or self.weights.shape[2] != 4:
+            raise ValueError(f"BoxRegressor: weights must be [K, D+1, 4], got shape {self.weights.shape}")
+        k = self.weights.shape[0]
+        for name, shape in (("mu", (k, 4)), ("T", (k, 4, 4)), ("T_inv", (k, 4, 4)), ("trained", (k,))):
+            if getattr(self, name).shape != shape:
+                raise ValueError(f"BoxRegressor: {name} must have shape {shape}, got {getattr(self, name).shape}")
+
+    @property
+    def num_classes(self) -> int:
+        return self.weights.shape[0]
+
+    @property
+    def feature_dim(self) -> int:
+        return self.weights.shape[1] - 1
+
+    def predict_deltas(self, features: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        """[N, D] features (scaled as in training), [N] labels -> [N, 4] deltas (0 for untrained classes)."""
+        x = np.asarray(features, np.float64)
+        labels = np.asarray(labels, np.int64).reshape(-1)
+        if x.ndim != 2 or x.shape[1] != self.feature_dim:
+            raise ValueError(f"BoxRegressor: expected [N, {self.feature_dim}] features, got shape {x.shape}")
+        if len(labels) != len(x):
+            raise ValueError(f"BoxRegressor: {len(x)} feature rows but {len(labels)} labels")
+        if len(labels) and (labels.min() < 0 or labels.max() >= self.num_classes):
+            raise ValueError(f"BoxRegressor: labels must be in [0, {self.num_classes}), "
+                             f"got values in [{labels.min()}, {labels.max()}]")
+        out = np.zeros((len(x), 4), np.float64)
+        for k in np.unique(labels):
+            if not self.trained[k]:
+                continue
+            rows = labels == k
+            w = self.weights[k].astype(np.float64)
+            y = x[rows] @ w[:-1] + w[-1]
+            out[rows] = y @ self.T_inv[k] + self.mu[k]
+        return out
+
+    def predict(self, features: np.ndarray, boxes: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        """Refined boxes [N, 4] float32: each box moved by its class's regressor."""
+        boxes = _boxes(boxes, "BoxRegressor.predict: boxes")
+        deltas = self.predict_deltas(features, labels)
+        if len(boxes) != len(deltas):
+            raise ValueError(f"BoxRegressor.predict: {len(boxes)} boxes but {len(deltas)} feature rows")
+        out = decode(boxes, deltas)
+        untouched = ~self.trained[np.asarray(labels, np.int64).reshape(-1)] if len(boxes) else np.zeros(0, bool)
+        out[untouched] = boxes[untouched]
+        return out
+
+    def to_arrays(self, prefix: str = "bbox_") -> dict[str, np.ndarray]:
+        """Plain arrays for a model file (no pickles)."""
+        return {f"{prefix}weights": self.weights, f"{prefix}mu": self.mu, f"{prefix}T": self.T,
+                f"{prefix}T_inv": self.T_inv, f"{prefix}trained": self.trained}
+
+    @classmethod
+    def from_arrays(cls, arrays: Mapping[str, np.ndarray], prefix: str = "bbox_") -> "BoxRegressor":
+        missing = [n for n in ("weights", "mu", "T", "T_inv", "trained") if f"{prefix}{n}" not in arrays]
+        if missing:
+            raise ValueError(f"BoxRegressor.from_arrays: missing array(s) {', '.join(prefix + m for m in missing)}")
+        return cls(*(np.asarray(arrays[f"{prefix}{n}"]) for n in ("weights", "mu", "T", "T_inv", "trained")))
+
+
+def ridge_solve(A: np.ndarray, Y: np.ndarray, lam: float) -> np.ndarray:
+    """argmin_B ||A B - Y||^2 + lam ||B||^2 for A [N, P], Y [N, Q]; float64.
+
+    Primal (A^T A + lam I)^-1 A^T Y when P <= N, else the equal dual form
+    A^T (A A^T + lam I)^-1 Y (cheaper for 12,800-dim pool5 with few examples)."""
+    if lam <= 0:
+        raise ValueError(f"ridge_solve: lambda must be > 0, got {lam}")
+    A = np.asarray(A, np.float64)
+    Y = np.asarray(Y, np.float64)
+    n, p = A.shape
+    if p <= n:
+        G = A.T @ A
+        G[np.diag_indices(p)] += lam
+        return scipy.linalg.solve(G, A.T @ Y, assume_a="pos")
+    G = A @ A.T
+    G[np.diag_indices(n)] += lam
+    return A.T @ scipy.linalg.solve(G, Y, assume_a="pos")
+
+
+def _whitening(Y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    mu = Y.mean(axis=0)
+    Yc = Y - mu
+    S = Yc.T @ Yc / len(Y)
+    d, V = np.linalg.eigh(S)
+    d = np.maximum(d, 0.0) + WHITEN_EPS  # eigh may return tiny negatives for a PSD matrix
+    return mu, (V / np.sqrt(d)) @ V.T, (V * np.sqrt(d)) @ V.T
+
+
+def train_box_regressors(
+    features: np.ndarray,
+    boxes: np.ndarray,
+    gt_boxes: np.ndarray,
+    labels: np.ndarray,
+    num_classes: int,
+    lam: float = 4000.0,
+    whiten: bool = True,
+    min_examples: int = 5,
+    class_names: Optional[Sequence[str]] = None,
+) -> BoxRegressor:
+    """One ridge regressor per class (see the module docstring).
+
+    features: [N, D] pool5, already rescaled to mean norm 20 (the constant 1 is
+    appended here); boxes, gt_boxes: [N, 4] examples and their assigned GTs;
+    labels: [N] class of the assigned GT.  A class with no examples is left
+    untrained (boxes unchanged); one with fewer than min_examples (a 4-d
+    covariance needs 5 points) is trained without whitening.  Both warn.
+    """
+    x = np.asarray(features, np.float64)
+    if x.ndim != 2:
+        raise ValueError(f"train_box_regressors: features must be [N, D], got shape {x.shape}")
+    labels = np.asarray(labels, np.int64).reshape(-1)
+    n, dim = x.shape
+    if len(labels) != n or len(np.asarray(boxes)) != n or len(np.asarray(gt_boxes)) != n:
+        raise ValueError(f"train_box_regressors: {n} feature rows but {len(np.asarray(boxes))} boxes, "
+                         f"{len(np.asarray(gt_boxes))} gt_boxes and {len(labels)} labels")
+    if not np.all(np.isfinite(x)):
+        raise ValueError("train_box_regressors: features contain NaN or inf")
+    if n and (labels.min() < 0 or labels.max() >= num_classes):
+        raise ValueError(f"train_box_regressors: labels must be in [0, {num_classes}), "
+                         f"got values in [{labels.min()}, {labels.max()}]")
+    names = list(class_names) if class_names is not None else [str(k) for k in range(num_classes)]
+    targets = encode(boxes, gt_boxes) if n else np.zeros((0, 4))
+
+    weights = np.zeros((num_classes, dim + 1, 4), np.float32)
+    mu = np.zeros((num_classes, 4))
+    T = np.tile(np.eye(4), (num_classes, 1, 1))
+    T_inv = T.copy()
+    trained = np.zeros(num_classes, bool)
+    for k in range(num_classes):
+        rows = labels == k
+        nk = int(rows.sum())
+        if nk == 0:
+            warnings.warn(f"box regression: class '{names[k]}' (index {k}) has no training examples; "
+                          f"its boxes are left unrefined", UserWarning, stacklevel=2)
+            continue
+        Y = targets[rows]
+        if whiten and nk >= min_examples:
+            mu[k], T[k], T_inv[k] = _whitening(Y)
+            Y = (Y - mu[k]) @ T[k]
+        elif whiten:
+            warnings.warn(f"box regression: class '{names[k]}' (index {k}) has only {nk} example(s) "
+                          f"(< {min_examples}); trained without target whitening", UserWarning, stacklevel=2)
+        A = np.concatenate([x[rows], np.ones((nk, 1))], axis=1)
+        weights[k] = ridge_solve(A, Y, lam)
+        trained[k] = True
+    return BoxRegressor(weights, mu, T, T_inv, trained)
