@@ -1,0 +1,160 @@
+"""Test-time post-processing of SVM scores into detections (SPEC §7).
+
+Steps, as the original:
+  1. keep, per class, the proposals scoring above the threshold (strictly);
+  2. per-class NMS at IoU 0.3;
+  3. keep at most 100 detections per image, over all classes (highest scores);
+  4. box regression of the kept boxes only (scores unchanged);
+  5. clip to the image [0, W] x [0, H];
+  6. per-class NMS once more (second_nms).
+
+The work is split so the detector can regress only the kept windows:
+`select_detections` does 1-3 and returns proposal indices and labels; the
+caller computes the refined boxes of just those (e.g. `BoxRegressor.predict`
+on their features) and `finalize_detections` does 5-6.  `postprocess` chains
+them, taking the regression as a callable (indices, labels) -> boxes or as
+precomputed per-class deltas [M, K, 4].
+
+Order is deterministic everywhere: descending score, then class, then
+proposal index.  NMS itself is torchvision's; we hand it ranks rather than
+scores so ties are processed in that order whatever its sort does.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from torchvision.ops import nms
+
+from detector.bbox_regression import decode
+
+Regressor = Union[None, Callable[[np.ndarray, np.ndarray], np.ndarray], np.ndarray]
+
+
+@dataclass
+class Selection:
+    """Detections after steps 1-3: rows of the input boxes, their classes and scores,
+    sorted by (score desc, label, index)."""
+
+    indices: np.ndarray  # [n] int64
+    labels: np.ndarray  # [n] int64
+    scores: np.ndarray  # [n] float32
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def _order(scores: np.ndarray, labels: np.ndarray, indices: np.ndarray) -> np.ndarray:
+    return np.lexsort((indices, labels, -scores.astype(np.float64)))
+
+
+def _nms_per_class(boxes: np.ndarray, labels: np.ndarray, iou: float) -> np.ndarray:
+    """Positions kept by per-class NMS; boxes must already be in priority order."""
+    keep = []
+    rank = torch.arange(len(boxes), 0, -1, dtype=torch.float64)  # strictly decreasing = our order
+    bt = torch.from_numpy(np.ascontiguousarray(boxes, np.float64))
+    for k in np.unique(labels):
+        pos = np.flatnonzero(labels == k)
+        kept = nms(bt[pos], rank[pos], float(iou)).numpy()
+        keep.append(pos[kept])
+    if not keep:
+        return np.zeros(0, np.int64)
+    return np.sort(np.concatenate(keep))
+
+
+def _check_inputs(boxes: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    boxes = np.asarray(boxes, np.float32)
+    scores = np.asarray(scores, np.float32)
+    if boxes.ndim != 2 or boxes.shape[1] != 4:
+        raise ValueError(f"postprocess: boxes must be [M, 4], got shape {boxes.shape}")
+    if scores.ndim != 2 or scores.shape[0] != boxes.shape[0]:
+        raise ValueError(f"postprocess: scores must be [M, K] with M = {boxes.shape[0]}, got shape {scores.shape}")
+    if np.isnan(scores).any():
+        raise ValueError("postprocess: scores contain NaN")
+    if not np.all(np.isfinite(boxes)):
+        raise ValueError("postprocess: boxes contain NaN or inf")
+    return boxes, scores
+
+
+def select_detections(boxes: np.ndarray, scores: np.ndarray,
+                      score_thresh: Union[float, Sequence[float], np.ndarray] = -1.5,
+                      nms_iou: float = 0.3, max_per_image: Optional[int] = 100) -> Selection:
+    """Steps 1-3.  score_thresh: scalar or one per class; max_per_image None: no cap."""
+    boxes, scores = _check_inputs(boxes, scores)
+    num_classes = scores.shape[1]
+    thr = np.asarray(score_thresh, np.float64).reshape(-1)
+    if len(thr) == 1:
+        thr = np.repeat(thr, num_classes)
+    if thr.shape != (num_classes,):
+        raise ValueError(f"postprocess: score_thresh has {len(thr)} values for {num_classes} classes")
+    if max_per_image is not None and max_per_image < 1:
+        raise ValueError(f"postprocess: max_per_image must be >= 1 or None, got {max_per_image}")
+    idx, lab = np.nonzero(scores.astype(np.float64) > thr[None, :])
+    sc = scores[idx, lab]
+    o = _order(sc, lab, idx)
+    idx, lab, sc = idx[o], lab[o], sc[o]
+    keep = _nms_per_class(boxes[idx], lab, nms_iou)  # sorted positions: order preserved
+    idx, lab, sc = idx[keep], lab[keep], sc[keep]
+    if max_per_image is not None:
+        idx, lab, sc = idx[:max_per_image], lab[:max_per_image], sc[:max_per_image]
+    return Selection(idx.astype(np.int64), lab.astype(np.int64), sc.astype(np.float32))
+
+
+def finalize_detections(boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray,
+                        image_size: tuple[int, int], nms_iou: float = 0.3, second_nms: bool = True,
+                        indices: Optional[np.ndarray] = None) -> dict[str, np.ndarray]:
+    """Steps 5-6 on the (refined) kept boxes; indices (proposal rows) break score ties.
+    Returns boxes [n, 4] float32, scores [n] float32, labels [n] int64, indices [n] int64."""
+    w, h = image_size
+    if not (w > 0 and h > 0):
+        raise ValueError(f"postprocess: image_size must be positive (W, H), got {image_size}")
+    boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
+    scores = np.asarray(scores, np.float32).reshape(-1)
+    labels = np.asarray(labels, np.int64).reshape(-1)
+    indices = np.arange(len(boxes), dtype=np.int64) if indices is None else np.asarray(indices, np.int64)
+    if not (len(boxes) == len(scores) == len(labels) == len(indices)):
+        raise ValueError(f"postprocess: {len(boxes)} boxes, {len(scores)} scores, {len(labels)} labels, "
+                         f"{len(indices)} indices")
+    if not np.all(np.isfinite(boxes)):
+        raise ValueError("postprocess: refined boxes contain NaN or inf")
+    boxes = boxes.copy()
+    boxes[:, 0::2] = np.clip(boxes[:, 0::2], 0, w)
+    boxes[:, 1::2] = np.clip(boxes[:, 1::2], 0, h)
+    o = _order(scores, labels, indices)
+    boxes, scores, labels, indices = boxes[o], scores[o], labels[o], indices[o]
+    if second_nms:
+        keep = _nms_per_class(boxes, labels, nms_iou)
+        boxes, scores, labels, indices = boxes[keep], scores[keep], labels[keep], indices[keep]
+    return {"boxes": boxes, "scores": scores, "labels": labels, "indices": indices}
+
+
+def postprocess(boxes: np.ndarray, scores: np.ndarray, image_size: tuple[int, int],
+                score_thresh: Union[float, Sequence[float], np.ndarray] = -1.5, nms_iou: float = 0.3,
+                max_per_image: Optional[int] = 100, regressor: Regressor = None,
+                second_nms: bool = True) -> dict[str, np.ndarray]:
+    """SPEC §7 from proposal boxes [M, 4] and SVM scores [M, K] to final detections.
+
+    regressor: None (no box regression); a callable (indices, labels) -> refined
+    boxes [n, 4] for the kept proposal rows and their classes; or deltas
+    [M, K, 4] (per proposal and class), decoded for the kept pairs.
+    image_size: (W, H).  Returns dict(boxes, scores, labels, indices), sorted by
+    descending score, then class, then proposal index.
+    """
+    boxes, scores = _check_inputs(boxes, scores)
+    sel = select_detections(boxes, scores, score_thresh, nms_iou, max_per_image)
+    kept = boxes[sel.indices]
+    if regressor is None:
+        refined = kept
+    elif callable(regressor):
+        refined = np.asarray(regressor(sel.indices, sel.labels), np.float32)
+        if refined.shape != (len(sel), 4):
+            raise ValueError(f"postprocess: the regressor returned shape {refined.shape}, expected ({len(sel)}, 4)")
+    else:
+        deltas = np.asarray(regressor)
+        if deltas.shape != (len(boxes), scores.shape[1], 4):
+            raise ValueError(f"postprocess: regression deltas must be [M, K, 4] = "
+                             f"({len(boxes)}, {scores.shape[1]}, 4), got {deltas.shape}")
+        refined = decode(kept, deltas[sel.indices, sel.labels]) if len(sel) else kept
+    return finalize_detections(refined, sel.scores, sel.labels, image_size, nms_iou, second_nms, sel.indices)
