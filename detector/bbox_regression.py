@@ -214,23 +214,41 @@ class BoxRegressor:
         return cls(*(np.asarray(arrays[f"{prefix}{n}"]) for n in ("weights", "mu", "T", "T_inv", "trained")))
 
 
-def ridge_solve(A: np.ndarray, Y: np.ndarray, lam: float) -> np.ndarray:
-    """argmin_B ||A B - Y||^2 + lam ||B||^2 for A [N, P], Y [N, Q]; float64.
+def ridge_solve(A: np.ndarray, Y: np.ndarray, lam: float, bias: bool = False,
+                rows: Optional[np.ndarray] = None, chunk: int = 4096) -> np.ndarray:
+    """argmin_B ||[A, 1] B - Y||^2 + lam ||B||^2 (the 1 column only if bias), float64.
 
-    Primal (A^T A + lam I)^-1 A^T Y when P <= N, else the equal dual form
-    A^T (A A^T + lam I)^-1 Y (cheaper for 12,800-dim pool5 with few examples)."""
-    if lam <= 0:
+    A [N, P] (may be float32; only the selected `rows` are used), Y [len(rows), Q].
+    Primal (A^T A + lam I)^-1 A^T Y when P <= N, accumulated over row chunks so
+    neither a float64 copy of A nor the ones column is materialised (pool5 sets
+    are large); else the equal dual form A^T (A A^T + lam I)^-1 Y, which is
+    cheaper for 12,800-dim pool5 with few examples.  The bias is regularised
+    like every other weight, as in the original."""
+    if not lam > 0:
         raise ValueError(f"ridge_solve: lambda must be > 0, got {lam}")
-    A = np.asarray(A, np.float64)
     Y = np.asarray(Y, np.float64)
-    n, p = A.shape
+    rows = np.arange(len(A)) if rows is None else np.asarray(rows)
+    n, p = len(rows), A.shape[1] + int(bias)
+    if len(Y) != n:
+        raise ValueError(f"ridge_solve: {n} rows but {len(Y)} targets")
+
+    def block(i: int, j: int) -> np.ndarray:
+        c = np.asarray(A[rows[i:j]], np.float64)
+        return np.concatenate([c, np.ones((len(c), 1))], axis=1) if bias else c
+
     if p <= n:
-        G = A.T @ A
+        G = np.zeros((p, p))
+        AtY = np.zeros((p, Y.shape[1]))
+        for i in range(0, n, chunk):
+            c = block(i, i + chunk)
+            G += c.T @ c
+            AtY += c.T @ Y[i:i + chunk]
         G[np.diag_indices(p)] += lam
-        return scipy.linalg.solve(G, A.T @ Y, assume_a="pos")
-    G = A @ A.T
+        return scipy.linalg.solve(G, AtY, assume_a="pos")
+    Af = block(0, n)
+    G = Af @ Af.T
     G[np.diag_indices(n)] += lam
-    return A.T @ scipy.linalg.solve(G, Y, assume_a="pos")
+    return Af.T @ scipy.linalg.solve(G, Y, assume_a="pos")
 
 
 def _whitening(Y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -261,7 +279,7 @@ def train_box_regressors(
     untrained (boxes unchanged); one with fewer than min_examples (a 4-d
     covariance needs 5 points) is trained without whitening.  Both warn.
     """
-    x = np.asarray(features, np.float64)
+    x = np.asarray(features)  # float32 stays float32: ridge_solve upcasts chunk by chunk
     if x.ndim != 2:
         raise ValueError(f"train_box_regressors: features must be [N, D], got shape {x.shape}")
     labels = np.asarray(labels, np.int64).reshape(-1)
@@ -269,8 +287,9 @@ def train_box_regressors(
     if len(labels) != n or len(np.asarray(boxes)) != n or len(np.asarray(gt_boxes)) != n:
         raise ValueError(f"train_box_regressors: {n} feature rows but {len(np.asarray(boxes))} boxes, "
                          f"{len(np.asarray(gt_boxes))} gt_boxes and {len(labels)} labels")
-    if not np.all(np.isfinite(x)):
-        raise ValueError("train_box_regressors: features contain NaN or inf")
+    for i in range(0, n, 4096):  # chunked: a full-size boolean mask of pool5 would be large
+        if not np.all(np.isfinite(x[i:i + 4096])):
+            raise ValueError("train_box_regressors: features contain NaN or inf")
     if n and (labels.min() < 0 or labels.max() >= num_classes):
         raise ValueError(f"train_box_regressors: labels must be in [0, {num_classes}), "
                          f"got values in [{labels.min()}, {labels.max()}]")
@@ -283,8 +302,8 @@ def train_box_regressors(
     T_inv = T.copy()
     trained = np.zeros(num_classes, bool)
     for k in range(num_classes):
-        rows = labels == k
-        nk = int(rows.sum())
+        rows = np.flatnonzero(labels == k)
+        nk = len(rows)
         if nk == 0:
             warnings.warn(f"box regression: class '{names[k]}' (index {k}) has no training examples; "
                           f"its boxes are left unrefined", UserWarning, stacklevel=2)
@@ -296,7 +315,6 @@ def train_box_regressors(
         elif whiten:
             warnings.warn(f"box regression: class '{names[k]}' (index {k}) has only {nk} example(s) "
                           f"(< {min_examples}); trained without target whitening", UserWarning, stacklevel=2)
-        A = np.concatenate([x[rows], np.ones((nk, 1))], axis=1)
-        weights[k] = ridge_solve(A, Y, lam)
+        weights[k] = ridge_solve(x, Y, lam, bias=True, rows=rows)
         trained[k] = True
     return BoxRegressor(weights, mu, T, T_inv, trained)

@@ -109,6 +109,13 @@ def test_ridge_matches_lstsq_on_the_augmented_system():
         ref = np.linalg.lstsq(np.vstack([A, math.sqrt(lam) * np.eye(d)]), np.vstack([Y, np.zeros((d, 4))]),
                               rcond=None)[0]
         np.testing.assert_allclose(ridge_solve(A, Y, lam), ref, rtol=1e-8, atol=1e-10)
+        # the implicit bias column and row subsets, in small chunks, against the explicit system
+        rows = np.arange(0, n, 2)
+        A1 = np.c_[A[rows], np.ones(len(rows))]
+        ref1 = np.linalg.lstsq(np.vstack([A1, math.sqrt(lam) * np.eye(d + 1)]),
+                               np.vstack([Y[rows], np.zeros((d + 1, 4))]), rcond=None)[0]
+        got = ridge_solve(A.astype(np.float32), Y[rows], lam, bias=True, rows=rows, chunk=7)
+        np.testing.assert_allclose(got, ref1, rtol=1e-5, atol=1e-7)
     with pytest.raises(ValueError):
         ridge_solve(A, Y, 0.0)
 
