@@ -5,7 +5,7 @@ tx = (gcx - cx)/w, ty = (gcy - cy)/h, tw = log(gw/w), th = log(gh/h).
 
 Per class, as the original:
 * features are pool5 rescaled to mean norm 20 *by the caller*; a constant-1
-  column is appended here (the bias);
+  column (the bias) is appended here, implicitly (see ridge_solve);
 * targets are whitened: centred on their mean mu and multiplied by
   T = V diag(1/sqrt(d + 0.001)) V^T (the eigen-decomposition of their biased
   covariance; the 0.001 is the original's, keeps T finite for degenerate
