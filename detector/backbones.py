@@ -64,7 +64,7 @@ class Backbone:
 
     def normalize(self, image: np.ndarray) -> torch.Tensor:
         """HxWx3 uint8 RGB -> [3, H, W] float32 in the trunk's input space."""
-        x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float()
+        x = torch.from_numpy(np.array(image, dtype=np.float32)).permute(2, 0, 1)
         if self.bgr:
             x = x.flip(0)
         mean = torch.tensor(self.mean, dtype=torch.float32).view(3, 1, 1)

@@ -13,6 +13,7 @@ import io
 import json
 import os
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -68,7 +69,7 @@ def load_npz(path: str | os.PathLike) -> dict[str, np.ndarray] | None:
             return {k: z[k] for k in z.files}
     except FileNotFoundError:
         return None
-    except (OSError, ValueError, EOFError, KeyError) as e:  # corrupt entry: recompute it
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as e:  # corrupt entry: recompute it
         import warnings
 
         warnings.warn(f"cache file {path} is unreadable ({e}); recomputing it")

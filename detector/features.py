@@ -1,0 +1,197 @@
+"""Conv features, computed once per image per scale, and their cache (SPEC §1).
+
+The image is resized (bilinear) so its shorter side equals each scale `s`,
+capped so the longer side stays within `max_size`, normalised the backbone's
+way, padded bottom/right to the backbone's size divisor (zeros, i.e. the mean
+pixel: that keeps TF 'same' padding and so the cell geometry fixed), and run
+through the trunk in inference mode, on the GPU when there is one.
+
+Cache: one float16 .npz per image per scale, written atomically, at
+`<root>/<key>/<image digest>_s<scale>.npz`, where `key` hashes the backbone,
+its weights (file digest), the max-size cap and the preprocessing version,
+and the image digest hashes the image file's bytes.  A changed setting or
+image therefore never reads a stale file, and a rerun skips finished work.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .backbones import Backbone
+from .cache import atomic_save_npz, atomic_write_json, file_digest, load_npz, params_digest
+from .images import load_image
+from .projection import resize_factor, resized_size
+
+PREPROCESS_VERSION = 1  # bump when resizing / normalisation / padding change
+MIN_INPUT = 64  # every trunk here accepts a 64x64 input; smaller resized images are padded up to it
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"device {name!r} requested but CUDA is not available")
+    return torch.device(name)
+
+
+@dataclass
+class ScaleFeatures:
+    scale: int  # the requested shorter side
+    factor: float  # resize factor actually used (smaller than scale/min(H,W) when max_size capped it)
+    features: torch.Tensor  # [C, h, w] (float32 on the compute device, or float16 from the cache)
+    image_size: tuple[int, int]  # original (W, H)
+
+    @property
+    def map_size(self) -> tuple[int, int]:
+        return int(self.features.shape[1]), int(self.features.shape[2])
+
+
+class FeatureExtractor:
+    """Backbone + scales: `extractor(image)` gives one `ScaleFeatures` per scale."""
+
+    def __init__(self, backbone: Backbone, scales: Sequence[int], max_size: int = 2000, device: str = "auto"):
+        if not scales:
+            raise ValueError("at least one scale is needed")
+        self.backbone = backbone
+        self.scales = sorted(int(s) for s in scales)
+        self.max_size = int(max_size)
+        self.device = resolve_device(device)
+        self.backbone.trunk.to(self.device).eval()
+
+    def factors(self, width: int, height: int) -> list[float]:
+        return [resize_factor(width, height, s, self.max_size) for s in self.scales]
+
+    def prepare(self, image: np.ndarray, factor: float) -> torch.Tensor:
+        """Resize, normalise and pad one image: [3, h', w'] float32."""
+        H, W = image.shape[:2]
+        w, h = resized_size(W, H, factor)
+        resized = image if (w, h) == (W, H) else cv2.resize(image, (w, h), interpolation=cv2.INTER_LINEAR)
+        x = self.backbone.normalize(resized)
+        d = max(self.backbone.size_divisor, 1)
+        ph = max(-(-h // d) * d, MIN_INPUT) - h
+        pw = max(-(-w // d) * d, MIN_INPUT) - w
+        if ph or pw:
+            x = F.pad(x, (0, pw, 0, ph))
+        return x
+
+    @torch.inference_mode()
+    def __call__(self, image) -> list[ScaleFeatures]:
+        img = load_image(image)
+        H, W = img.shape[:2]
+        out = []
+        for scale, f in zip(self.scales, self.factors(W, H)):
+            x = self.prepare(img, f).to(self.device)
+            fmap = self.backbone.trunk(x[None])[0]
+            out.append(ScaleFeatures(scale, f, fmap, (W, H)))
+        return out
+
+    def cache_params(self) -> dict:
+        bb = self.backbone
+        return {"backbone": bb.name, "weights": bb.weights_id, "geometry": bb.geometry(),
+                "mean": bb.mean, "std": bb.std, "bgr": bb.bgr, "max_size": self.max_size,
+                "preprocess": PREPROCESS_VERSION, "min_input": MIN_INPUT}
+
+
+class FeatureCache:
+    """Conv features per image and scale, from disk when present, else computed and stored."""
+
+    def __init__(self, root: str | os.PathLike, extractor: FeatureExtractor, dtype: str = "float16"):
+        self.extractor = extractor
+        self.dtype = np.dtype(dtype)
+        params = dict(extractor.cache_params(), dtype=self.dtype.name)
+        self.key = params_digest(params)
+        self.dir = Path(root) / self.key
+        self.dir.mkdir(parents=True, exist_ok=True)
+        meta = self.dir / "params.json"
+        if not meta.exists():
+            atomic_write_json(meta, params)
+        self._digests: dict[str, str] = {}
+
+    def _digest(self, path: str) -> str:
+        d = self._digests.get(path)
+        if d is None:
+            d = self._digests[path] = file_digest(path)
+        return d
+
+    def file(self, image_path: str, scale: int) -> Path:
+        return self.dir / f"{self._digest(str(image_path))}_s{scale}.npz"
+
+    def complete(self, image_path: str) -> bool:
+        return all(self.file(image_path, s).exists() for s in self.extractor.scales)
+
+    def load(self, image_path: str) -> Optional[list[ScaleFeatures]]:
+        out = []
+        for s in self.extractor.scales:
+            z = load_npz(self.file(image_path, s))
+            if z is None or not {"features", "factor", "image_size"} <= set(z):
+                return None
+            out.append(ScaleFeatures(s, float(z["factor"]), torch.from_numpy(z["features"]),
+                                     tuple(int(v) for v in z["image_size"])))
+        return out
+
+    def get(self, image_path: str) -> list[ScaleFeatures]:
+        """Features for every scale; computes and stores the missing ones."""
+        cached = self.load(image_path)
+        if cached is not None:
+            return cached
+        feats = self.extractor(image_path)
+        for sf in feats:
+            arr = sf.features.cpu().numpy().astype(self.dtype)
+            atomic_save_npz(self.file(image_path, sf.scale), features=arr,
+                            factor=np.float64(sf.factor), image_size=np.array(sf.image_size, np.int64))
+            sf.features = torch.from_numpy(arr)  # same values whether this run computed or read them
+        return feats
+
+
+def list_images(folder: str | os.PathLike) -> list[str]:
+    """Image files in a folder (not recursive), sorted by name."""
+    exts = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"image folder not found: {folder}")
+    return sorted(str(p) for p in folder.iterdir() if p.suffix.lower() in exts)
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """'i/N' (0-based i) -> (i, N), with a clear error for anything else."""
+    try:
+        i, n = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise ValueError(f"--shard must look like i/N (e.g. 0/4), got {text!r}") from None
+    if n < 1 or not 0 <= i < n:
+        raise ValueError(f"--shard {text}: need 0 <= i < N")
+    return i, n
+
+
+def extract_all(paths: Sequence[str], cache: FeatureCache, shard: tuple[int, int] = (0, 1),
+                progress: bool = True) -> dict:
+    """Fill the cache for `paths[i::N]`.  Unreadable images are skipped with a warning
+    and counted; every other image is still done.  Returns counts and the failures."""
+    import logging
+
+    from tqdm import tqdm
+
+    from .images import ImageError
+
+    log = logging.getLogger("detector.features")
+    i, n = shard
+    mine = sorted(paths)[i::n]
+    stats = {"images": len(mine), "computed": 0, "cached": 0, "failed": []}
+    for p in tqdm(mine, desc=f"conv features {i}/{n}", unit="img", disable=not progress):
+        try:
+            if cache.complete(p):
+                stats["cached"] += 1
+                continue
+            cache.get(p)
+            stats["computed"] += 1
+        except (ImageError, OSError) as e:
+            log.warning("skipping %s: %s", p, e)
+            stats["failed"].append((p, str(e)))
+    return stats
