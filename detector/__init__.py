@@ -1,3 +1,22 @@
 """SPP-net object detection: conv features once per image, spatial pyramid pooling,
-fine-tuned fc layers, per-class linear SVMs, box regression."""
+fine-tuned fc layers, per-class linear SVMs, box regression.
+
+    import detector
+    model = detector.load("data/runs/demo/model.safetensors")
+    result = model.detect("image.jpg")   # dict(boxes, scores, labels, label_names)
+"""
 __version__ = "0.1.0"
+
+
+def load(path, device: str = "auto"):
+    """Load a trained detector (see detector.model)."""
+    from .model import load as _load
+
+    return _load(path, device)
+
+
+def detect(image, model, **kwargs):
+    """Detect objects in `image` with `model` (an SPPDetector or a model file path)."""
+    from .model import detect as _detect
+
+    return _detect(image, model, **kwargs)

@@ -339,9 +339,21 @@ BACKBONES = {
 }
 
 
-def build_backbone(cfg) -> Backbone:
-    """Build the backbone a `BackboneConfig` names."""
+def build_backbone(cfg, trunk_state: Optional[dict] = None, weights_id: Optional[str] = None) -> Backbone:
+    """Build the backbone a `BackboneConfig` names.  With `trunk_state` (a saved model's
+    trunk), the architecture is built empty and those tensors are loaded into it."""
     if cfg.name not in BACKBONES:
         raise ValueError(f"unknown backbone {cfg.name!r}; choose one of {', '.join(BACKBONES)}")
-    return BACKBONES[cfg.name](weights=cfg.weights, random_init=cfg.random_init, cut=cfg.cut,
-                               download=getattr(cfg, "download", False))
+    if trunk_state is None:
+        return BACKBONES[cfg.name](weights=cfg.weights, random_init=cfg.random_init, cut=cfg.cut,
+                                   download=getattr(cfg, "download", False))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the random init is overwritten right away
+        bb = BACKBONES[cfg.name](random_init=True, cut=cfg.cut)
+    try:
+        bb.trunk.load_state_dict(trunk_state)
+    except RuntimeError as e:
+        raise WeightsError(f"backbone {cfg.name}: saved trunk does not fit ({e})") from e
+    bb.trunk.eval()
+    bb.weights_id = weights_id or "saved"
+    return bb

@@ -15,6 +15,7 @@ image therefore never reads a stale file, and a rerun skips finished work.
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -64,6 +65,7 @@ class FeatureExtractor:
         self.max_size = int(max_size)
         self.device = resolve_device(device)
         self.backbone.trunk.to(self.device).eval()
+        self.last_timings: dict[str, float] = {}
 
     def factors(self, width: int, height: int) -> list[float]:
         return [resize_factor(width, height, s, self.max_size) for s in self.scales]
@@ -82,14 +84,25 @@ class FeatureExtractor:
         return x
 
     @torch.inference_mode()
-    def __call__(self, image) -> list[ScaleFeatures]:
+    def __call__(self, image, flip: bool = False) -> list[ScaleFeatures]:
+        """Features of the image (or of its mirror image, for flip augmentation) at every scale."""
         img = load_image(image)
+        if flip:
+            img = np.ascontiguousarray(img[:, ::-1])
         H, W = img.shape[:2]
         out = []
+        t_prep = t_conv = 0.0
         for scale, f in zip(self.scales, self.factors(W, H)):
+            t0 = time.perf_counter()
             x = self.prepare(img, f).to(self.device)
+            t1 = time.perf_counter()
             fmap = self.backbone.trunk(x[None])[0]
+            if fmap.is_cuda:
+                torch.cuda.synchronize()
+            t_conv += time.perf_counter() - t1
+            t_prep += t1 - t0
             out.append(ScaleFeatures(scale, f, fmap, (W, H)))
+        self.last_timings = {"resize": t_prep, "conv": t_conv}
         return out
 
     def cache_params(self) -> dict:
@@ -120,31 +133,31 @@ class FeatureCache:
             d = self._digests[path] = file_digest(path)
         return d
 
-    def file(self, image_path: str, scale: int) -> Path:
-        return self.dir / f"{self._digest(str(image_path))}_s{scale}.npz"
+    def file(self, image_path: str, scale: int, flip: bool = False) -> Path:
+        return self.dir / f"{self._digest(str(image_path))}_s{scale}{'_flip' if flip else ''}.npz"
 
-    def complete(self, image_path: str) -> bool:
-        return all(self.file(image_path, s).exists() for s in self.extractor.scales)
+    def complete(self, image_path: str, flip: bool = False) -> bool:
+        return all(self.file(image_path, s, flip).exists() for s in self.extractor.scales)
 
-    def load(self, image_path: str) -> Optional[list[ScaleFeatures]]:
+    def load(self, image_path: str, flip: bool = False) -> Optional[list[ScaleFeatures]]:
         out = []
         for s in self.extractor.scales:
-            z = load_npz(self.file(image_path, s))
+            z = load_npz(self.file(image_path, s, flip))
             if z is None or not {"features", "factor", "image_size"} <= set(z):
                 return None
             out.append(ScaleFeatures(s, float(z["factor"]), torch.from_numpy(z["features"]),
                                      tuple(int(v) for v in z["image_size"])))
         return out
 
-    def get(self, image_path: str) -> list[ScaleFeatures]:
-        """Features for every scale; computes and stores the missing ones."""
-        cached = self.load(image_path)
+    def get(self, image_path: str, flip: bool = False) -> list[ScaleFeatures]:
+        """Features for every scale (of the mirror image if `flip`); computes and stores missing ones."""
+        cached = self.load(image_path, flip)
         if cached is not None:
             return cached
-        feats = self.extractor(image_path)
+        feats = self.extractor(image_path, flip=flip)
         for sf in feats:
             arr = sf.features.cpu().numpy().astype(self.dtype)
-            atomic_save_npz(self.file(image_path, sf.scale), features=arr,
+            atomic_save_npz(self.file(image_path, sf.scale, flip), features=arr,
                             factor=np.float64(sf.factor), image_size=np.array(sf.image_size, np.int64))
             sf.features = torch.from_numpy(arr)  # same values whether this run computed or read them
         return feats
@@ -171,7 +184,7 @@ def parse_shard(text: str) -> tuple[int, int]:
 
 
 def extract_all(paths: Sequence[str], cache: FeatureCache, shard: tuple[int, int] = (0, 1),
-                progress: bool = True) -> dict:
+                progress: bool = True, flips: Sequence[bool] = (False,)) -> dict:
     """Fill the cache for `paths[i::N]`.  Unreadable images are skipped with a warning
     and counted; every other image is still done.  Returns counts and the failures."""
     import logging
@@ -186,10 +199,11 @@ def extract_all(paths: Sequence[str], cache: FeatureCache, shard: tuple[int, int
     stats = {"images": len(mine), "computed": 0, "cached": 0, "failed": []}
     for p in tqdm(mine, desc=f"conv features {i}/{n}", unit="img", disable=not progress):
         try:
-            if cache.complete(p):
+            if all(cache.complete(p, f) for f in flips):
                 stats["cached"] += 1
                 continue
-            cache.get(p)
+            for f in flips:
+                cache.get(p, f)
             stats["computed"] += 1
         except (ImageError, OSError) as e:
             log.warning("skipping %s: %s", p, e)

@@ -21,7 +21,8 @@ Two exact implementations, selected by `method`:
   EfficientNet-sized map (112x43x58), against 0.39 s for roi_pool (bench/).
   No library offers a range-max query, hence the hand-written path.
 
-On a GPU `"auto"` uses roi_pool (its CUDA kernel is fast); on the CPU, the table.
+`"auto"` uses roi_pool on a GPU (its CUDA kernel is fast) and for fewer than
+64 windows (fine-tuning batches), the table otherwise.
 """
 from __future__ import annotations
 
@@ -150,7 +151,9 @@ def spatial_pyramid_pool(features: torch.Tensor, windows: torch.Tensor,
     if len(w) == 0:
         return feats.new_zeros((0, spp_length(C, levels)))
     if method == "auto":
-        method = "roi_pool" if feats.is_cuda or (feats.requires_grad and torch.is_grad_enabled()) else "table"
+        # The table costs a fixed build per map; for a handful of windows scanning them directly is cheaper.
+        direct = feats.is_cuda or (feats.requires_grad and torch.is_grad_enabled()) or len(w) < 64
+        method = "roi_pool" if direct else "table"
     if method == "table":
         return _spp_table(feats, w, levels)
     if method == "roi_pool":

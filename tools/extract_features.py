@@ -25,6 +25,7 @@ def main(argv=None) -> int:
     ap.add_argument("--split", default="trainval", help="ImageSets/Main/<split>.txt (with --dataset)")
     ap.add_argument("--cache", default="data/cache/features", help="feature cache root")
     ap.add_argument("--shard", default="0/1", help="i/N: this process takes every N-th image from the i-th")
+    ap.add_argument("--flip", action="store_true", help="also cache the mirror images (fine-tuning augmentation)")
     add_config_args(ap)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
@@ -45,7 +46,7 @@ def main(argv=None) -> int:
                                  cfg.features.device)
     cache = FeatureCache(args.cache, extractor, cfg.features.cache_dtype)
     t0 = time.perf_counter()
-    stats = extract_all(paths, cache, shard)
+    stats = extract_all(paths, cache, shard, flips=(False, True) if args.flip else (False,))
     dt = time.perf_counter() - t0
     print(f"{stats['images']} images in shard {args.shard}: {stats['computed']} computed, "
           f"{stats['cached']} already cached, {len(stats['failed'])} skipped (unreadable); "

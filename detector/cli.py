@@ -1,0 +1,33 @@
+"""Console entry points (installed by setup.cfg)."""
+import argparse
+from pathlib import Path
+
+DETECT_DOC = """Detect objects in images with a trained model; print them and write PNGs with boxes.
+
+  spp-detect --model data/runs/demo/model.safetensors image1.jpg [image2.png ...] --out data/detections
+"""
+
+
+def detect_main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=DETECT_DOC, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("images", nargs="+")
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--out", default="data/detections", help="folder for the drawn PNGs")
+    ap.add_argument("--thresh", type=float, default=0.0, help="print and draw detections scoring above this")
+    args = ap.parse_args(argv)
+
+    import detector
+    from detector.visualize import save_detections
+
+    model = detector.load(args.model)
+    for path in args.images:
+        res = model.detect(path)
+        keep = res["scores"] >= args.thresh
+        print(f"{path}: {int(keep.sum())} detections (score >= {args.thresh})")
+        for b, s, n in zip(res["boxes"][keep], res["scores"][keep], [n for n, k in zip(res["label_names"], keep) if k]):
+            print(f"  {n:<16} {s:7.3f}  [{b[0]:.1f}, {b[1]:.1f}, {b[2]:.1f}, {b[3]:.1f}]")
+        png = save_detections(path, res, Path(args.out) / (Path(path).stem + ".png"), args.thresh)
+        print(f"  drawn: {png}")
+    return 0
+
+

@@ -1,0 +1,185 @@
+"""Fine-tuning the fc layers on SPP vectors pooled from cached conv maps (SPEC §4).
+
+The conv layers stay frozen, so every batch is pooled straight from the
+feature cache: 128 windows, 25% foreground (IoU >= 0.5 with a GT, labelled
+with its class; GT boxes included), the rest background (IoU in [0.1, 0.5)),
+drawn uniformly from the windows of *all* training images.
+
+Augmentation:
+- flip: with probability 0.5 a window is pooled from the conv map of the
+  mirror image (computed and cached like any other map, not a flipped feature
+  map: conv features are not mirror-symmetric), with its box mirrored;
+- scale: in multi-scale mode each window is pooled at a random scale.
+
+Checkpoints (head, optimiser, iteration and RNG states) are written atomically
+every `checkpoint_every` iterations; a rerun resumes from the last one.
+"""
+from __future__ import annotations
+
+import io
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .backbones import Backbone
+from .cache import atomic_write_bytes
+from .config import Config
+from .features import ScaleFeatures
+from .heads import FCHead
+from .labeling import Windows
+from .pooling import pool_boxes
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainImage:
+    path: str
+    width: int
+    height: int
+    windows: Windows
+
+
+FeatureGetter = Callable[[int, bool], Sequence[ScaleFeatures]]  # (image index, flip) -> maps
+
+
+def mirror_boxes(boxes: np.ndarray, width: int) -> np.ndarray:
+    out = boxes.copy()
+    out[:, 0] = width - boxes[:, 2]
+    out[:, 2] = width - boxes[:, 0]
+    return out
+
+
+def sample_pools(images: Sequence[TrainImage], fg_iou: float, bg_lo: float) -> tuple[np.ndarray, np.ndarray]:
+    """(image, row) pairs of all foreground and background windows."""
+    fg, bg = [], []
+    for i, im in enumerate(images):
+        w = im.windows
+        f = np.nonzero(w.max_iou >= fg_iou)[0]
+        b = np.nonzero((w.max_iou >= bg_lo) & (w.max_iou < fg_iou) & ~w.is_gt)[0]
+        fg.append(np.stack([np.full(len(f), i), f], 1))
+        bg.append(np.stack([np.full(len(b), i), b], 1))
+    return np.concatenate(fg).astype(np.int64), np.concatenate(bg).astype(np.int64)
+
+
+def window_labels(images: Sequence[TrainImage], pairs: np.ndarray, fg_iou: float) -> np.ndarray:
+    """Softmax targets: 1 + class of the best GT for foreground, 0 for background."""
+    out = np.zeros(len(pairs), np.int64)
+    for k, (i, r) in enumerate(pairs):
+        w = images[i].windows
+        if w.max_iou[r] >= fg_iou:
+            gt_rows = np.nonzero(w.is_gt)[0]
+            out[k] = 1 + w.gt_labels[gt_rows[w.best_gt[r]]]
+    return out
+
+
+def pool_pairs(images: Sequence[TrainImage], pairs: np.ndarray, flips: np.ndarray, scale_idx: Optional[np.ndarray],
+               get_features: FeatureGetter, backbone: Backbone, levels: Sequence[int]) -> torch.Tensor:
+    """SPP vectors for (image, row) pairs, grouped so each conv map is read once."""
+    out = None
+    keys = pairs[:, 0] * 2 + flips.astype(np.int64)
+    for key in np.unique(keys):
+        sel = np.nonzero(keys == key)[0]
+        i, flip = int(key // 2), bool(key % 2)
+        im = images[i]
+        boxes = im.windows.boxes[pairs[sel, 1]]
+        if flip:
+            boxes = mirror_boxes(boxes, im.width)
+        v = pool_boxes(get_features(i, flip), boxes, backbone, levels,
+                       scale_index=None if scale_idx is None else scale_idx[sel], name=f"windows of {im.path}")
+        if out is None:
+            out = torch.empty((len(pairs), v.shape[1]), dtype=torch.float32)
+        out[torch.from_numpy(sel)] = v
+    return out
+
+
+def estimate_pool5_scale(images: Sequence[TrainImage], get_features: FeatureGetter, backbone: Backbone,
+                         levels: Sequence[int], target: float = 20.0, samples: int = 2000, seed: int = 0) -> float:
+    """Constant that brings pool5 vectors to mean L2 norm `target` (SPEC §5-6's norm-20 rescaling)."""
+    rng = np.random.default_rng(seed)
+    pairs = np.concatenate([np.stack([np.full(len(im.windows.boxes), i), np.arange(len(im.windows.boxes))], 1)
+                            for i, im in enumerate(images)])
+    pick = pairs[rng.choice(len(pairs), size=min(samples, len(pairs)), replace=False)]
+    pick = pick[np.lexsort((pick[:, 1], pick[:, 0]))]
+    v = pool_pairs(images, pick, np.zeros(len(pick), bool), None, get_features, backbone, levels)
+    mean_norm = float(v.norm(dim=1).mean())
+    if not np.isfinite(mean_norm) or mean_norm <= 0:
+        raise ValueError("pool5 features are all zero: check the backbone weights")
+    return target / mean_norm
+
+
+def _save_checkpoint(path: Path, head: FCHead, opt: torch.optim.Optimizer, it: int, rng: np.random.Generator) -> None:
+    buf = io.BytesIO()
+    torch.save({"iteration": it, "head": head.state_dict(), "optimizer": opt.state_dict(),
+                "rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state()}, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def finetune(images: Sequence[TrainImage], get_features: FeatureGetter, backbone: Backbone, head: FCHead,
+             pool5_scale: float, cfg: Config, checkpoint: Optional[Path] = None, progress: bool = True) -> dict:
+    """Train `head` in place; returns a summary (iterations, final loss and accuracy)."""
+    fc = cfg.finetune
+    levels = cfg.spp.levels
+    rng = np.random.default_rng(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    fg, bg = sample_pools(images, fc.fg_iou, fc.bg_iou_lo)
+    if len(fg) == 0:
+        raise ValueError("fine-tuning: no foreground windows (IoU >= %.2f) in the training set" % fc.fg_iou)
+    if len(bg) == 0:
+        log.warning("fine-tuning: no windows with IoU in [%.2f, %.2f); using all windows below %.2f as background",
+                    fc.bg_iou_lo, fc.fg_iou, fc.fg_iou)
+        fg, bg = sample_pools(images, fc.fg_iou, 0.0)
+        if len(bg) == 0:
+            raise ValueError("fine-tuning: no background windows at all; are proposals missing?")
+    fg_labels = window_labels(images, fg, fc.fg_iou)
+    opt = torch.optim.SGD(head.parameters(), lr=fc.lr, momentum=fc.momentum, weight_decay=fc.weight_decay)
+    start = 0
+    if checkpoint is not None and Path(checkpoint).is_file():
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        head.load_state_dict(state["head"])
+        opt.load_state_dict(state["optimizer"])
+        rng.bit_generator.state = state["rng"]
+        torch.set_rng_state(state["torch_rng"])
+        start = int(state["iteration"])
+        log.info("fine-tuning: resuming from iteration %d (%s)", start, checkpoint)
+    n_fg = max(1, int(round(fc.batch_size * fc.fg_fraction)))
+    n_bg = fc.batch_size - n_fg
+    n_scales = len(cfg.features.scales)
+    head.train()
+    losses, accs = [], []
+    bar = tqdm(range(start, fc.iterations), desc="fine-tune fc", unit="it", disable=not progress,
+               initial=start, total=fc.iterations)
+    for it in bar:
+        lr = fc.lr * (0.1 ** sum(it >= s for s in fc.lr_steps))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        fi = rng.integers(0, len(fg), n_fg)
+        bi = rng.integers(0, len(bg), n_bg)
+        pairs = np.concatenate([fg[fi], bg[bi]])
+        labels = torch.from_numpy(np.concatenate([fg_labels[fi], np.zeros(n_bg, np.int64)]))
+        flips = rng.random(len(pairs)) < 0.5 if fc.flip else np.zeros(len(pairs), bool)
+        scales = rng.integers(0, n_scales, len(pairs)) if n_scales > 1 else None
+        x = pool_pairs(images, pairs, flips, scales, get_features, backbone, levels) * pool5_scale
+        logits = head(x)
+        loss = F.cross_entropy(logits, labels)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+        accs.append(float((logits.argmax(1) == labels).float().mean()))
+        if progress and (it % 20 == 0 or it == fc.iterations - 1):
+            bar.set_postfix(loss=f"{np.mean(losses[-50:]):.3f}", acc=f"{np.mean(accs[-50:]):.3f}", lr=f"{lr:g}")
+        if checkpoint is not None and (it + 1) % fc.checkpoint_every == 0:
+            _save_checkpoint(Path(checkpoint), head, opt, it + 1, rng)
+    if checkpoint is not None:
+        _save_checkpoint(Path(checkpoint), head, opt, fc.iterations, rng)
+    head.eval()
+    return {"iterations": fc.iterations, "foreground_windows": int(len(fg)), "background_windows": int(len(bg)),
+            "final_loss": float(np.mean(losses[-50:])) if losses else None,
+            "final_accuracy": float(np.mean(accs[-50:])) if accs else None}

@@ -1,0 +1,40 @@
+"""Draw detections on an image and save a PNG."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from .images import load_image
+
+_PALETTE = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240),
+            (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (220, 190, 255), (170, 110, 40)]
+
+
+def draw_detections(image, result: dict, score_thresh: float = 0.0, gt_boxes: Sequence | None = None) -> Image.Image:
+    """A copy of `image` with the detections scoring above `score_thresh` drawn (and GT in white, dashed-free)."""
+    im = Image.fromarray(load_image(image))
+    d = ImageDraw.Draw(im)
+    if gt_boxes is not None:
+        for b in np.asarray(gt_boxes).reshape(-1, 4):
+            d.rectangle([float(v) for v in b], outline=(255, 255, 255), width=1)
+    for box, score, label, name in zip(result["boxes"], result["scores"], result["labels"], result["label_names"]):
+        if score < score_thresh:
+            continue
+        c = _PALETTE[int(label) % len(_PALETTE)]
+        x1, y1, x2, y2 = (float(v) for v in box)
+        d.rectangle([x1, y1, x2, y2], outline=c, width=2)
+        text = f"{name} {score:.2f}"
+        tw = d.textlength(text)
+        d.rectangle([x1, max(0, y1 - 11), x1 + tw + 4, max(0, y1 - 11) + 11], fill=c)
+        d.text((x1 + 2, max(0, y1 - 11)), text, fill=(255, 255, 255))
+    return im
+
+
+def save_detections(image, result: dict, path: str | Path, score_thresh: float = 0.0, gt_boxes=None) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    draw_detections(image, result, score_thresh, gt_boxes).save(path)
+    return path

@@ -1,0 +1,67 @@
+#!/usr/bin/env python
+"""Run a trained detector over a VOC-layout split and score it with the devkit's rules.
+
+Writes devkit result files (comp4_det_<split>_<class>.txt) and a COCO results json to --out,
+prints the per-class AP table and ends with `mAP = 0.xxxx`.
+
+  python tools/test_voc.py --model data/runs/demo/model.safetensors --dataset data/synthetic --split test
+"""
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--dataset", required=True)
+    ap.add_argument("--split", default="test")
+    ap.add_argument("--metric", default="07", choices=["07", "area"], help="VOC07 11-point or VOC2010+ area AP")
+    ap.add_argument("--out", default=None, help="where result files go (default: next to the model)")
+    ap.add_argument("--vis", type=int, default=0, help="also draw the first N images' detections")
+    ap.add_argument("--vis-thresh", type=float, default=0.0, help="score threshold for drawing")
+    ap.add_argument("--cache", default="data/cache", help="proposal cache root")
+    ap.add_argument("--no-box-regression", action="store_true")
+    ap.add_argument("--quiet", action="store_true")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+    import detector
+    from detector.datasets.voc import load_voc
+    from detector.evaluation import format_ap_table, write_coco_results, write_voc_results
+    from detector.testing import check_classes, run_detection, score
+    from detector.visualize import save_detections
+
+    model = detector.load(args.model)
+    ds = load_voc(args.dataset, args.split, model.class_names)
+    check_classes(model, ds)
+    out = Path(args.out) if args.out else Path(args.model).parent / f"test_{args.split}"
+    out.mkdir(parents=True, exist_ok=True)
+    results, info = run_detection(model, ds, args.cache, progress=not args.quiet,
+                                  box_regression=not args.no_box_regression)
+    ids = [r.image_id for r in ds]
+    boxes = [r["boxes"] for r in results]
+    labels = [r["labels"] for r in results]
+    scores = [r["scores"] for r in results]
+    write_voc_results(out, args.split, model.class_names, ids, boxes, labels, scores)
+    write_coco_results(out / f"coco_results_{args.split}.json", ids, boxes, labels, scores)
+    for r, res in list(zip(ds.records, results))[: args.vis]:
+        save_detections(r.path, res, out / "vis" / f"{r.image_id}.png", args.vis_thresh, r.boxes)
+    ev = score(ds, results, use_07_metric=args.metric == "07")
+    K = len(model.class_names)
+    ap_vals = np.full(K, np.nan)
+    ap_vals[: min(K, len(ev["ap"]))] = ev["ap"][:K]
+    n_gt = [int(sum(((g.labels == k) & ~g.difficult).sum() for g in ds)) for k in range(K)]
+    n_det = [int(sum((lab == k).sum() for lab in labels)) for k in range(K)]
+    print(f"{len(ds)} images, median {info['median_s_per_image']:.3f} s per image; results in {out}")
+    print(format_ap_table(model.class_names, ap_vals, float(np.nanmean(ap_vals)), n_gt=n_gt, n_det=n_det))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
