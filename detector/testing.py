@@ -46,4 +46,4 @@ def score(ds: Dataset, results: list[dict], use_07_metric: bool = True) -> dict:
     return eval_detection_voc([to_devkit_boxes(r["boxes"]) for r in results], [r["labels"] for r in results],
                               [r["scores"] for r in results], [to_devkit_boxes(g.boxes) for g in ds],
                               [g.labels for g in ds], [g.difficult for g in ds], iou_thresh=0.5,
-                              use_07_metric=use_07_metric)
+                              use_07_metric=use_07_metric, n_classes=len(ds.class_names))

@@ -13,8 +13,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np  # noqa: E402
-
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -27,13 +25,15 @@ def main(argv=None) -> int:
     ap.add_argument("--vis-thresh", type=float, default=0.0, help="score threshold for drawing")
     ap.add_argument("--cache", default="data/cache", help="proposal cache root")
     ap.add_argument("--no-box-regression", action="store_true")
+    ap.add_argument("--coco", action="store_true", help="also print COCO AP@[.5:.95] via pycocotools")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
     import detector
     from detector.datasets.voc import load_voc
-    from detector.evaluation import format_ap_table, write_coco_results, write_voc_results
+    from detector.evaluation import coco_gt_from_arrays, detection_counts, eval_coco, format_ap_table
+    from detector.result_files import write_coco_results, write_voc_results
     from detector.testing import check_classes, run_detection, score
     from detector.visualize import save_detections
 
@@ -49,17 +49,23 @@ def main(argv=None) -> int:
     labels = [r["labels"] for r in results]
     scores = [r["scores"] for r in results]
     write_voc_results(out, args.split, model.class_names, ids, boxes, labels, scores)
-    write_coco_results(out / f"coco_results_{args.split}.json", ids, boxes, labels, scores)
+    coco_img_ids = list(range(1, len(ids) + 1))  # COCO ids of the images, in split order
+    coco_cat_ids = list(range(1, len(model.class_names) + 1))
+    coco_res = write_coco_results(out / f"coco_results_{args.split}.json", coco_img_ids, coco_cat_ids,
+                                  boxes, labels, scores)
     for r, res in list(zip(ds.records, results))[: args.vis]:
         save_detections(r.path, res, out / "vis" / f"{r.image_id}.png", args.vis_thresh, r.boxes)
     ev = score(ds, results, use_07_metric=args.metric == "07")
-    K = len(model.class_names)
-    ap_vals = np.full(K, np.nan)
-    ap_vals[: min(K, len(ev["ap"]))] = ev["ap"][:K]
-    n_gt = [int(sum(((g.labels == k) & ~g.difficult).sum() for g in ds)) for k in range(K)]
-    n_det = [int(sum((lab == k).sum() for lab in labels)) for k in range(K)]
+    n_gt, n_det = detection_counts(labels, [g.labels for g in ds], [g.difficult for g in ds],
+                                   n_classes=len(model.class_names))
     print(f"{len(ds)} images, median {info['median_s_per_image']:.3f} s per image; results in {out}")
-    print(format_ap_table(model.class_names, ap_vals, float(np.nanmean(ap_vals)), n_gt=n_gt, n_det=n_det))
+    if args.coco:
+        gt = coco_gt_from_arrays([g.boxes for g in ds], [g.labels for g in ds], [g.difficult for g in ds],
+                                 image_sizes=[(g.width, g.height) for g in ds])
+        stats = eval_coco(gt, coco_res)
+        print("COCO (pycocotools, VOC converted on the fly): "
+              + ", ".join(f"{k}={v:.4f}" for k, v in list(stats.items())[:3]))
+    print(format_ap_table(model.class_names, ev["ap"], ev["map"], n_gt=n_gt, n_det=n_det))
     return 0
 
 
