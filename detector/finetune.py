@@ -171,7 +171,7 @@ def finetune(images: Sequence[TrainImage], get_features: FeatureGetter, backbone
         opt.zero_grad()
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
         accs.append(float((logits.argmax(1) == labels).float().mean()))
         if progress and (it % 20 == 0 or it == fc.iterations - 1):
             bar.set_postfix(loss=f"{np.mean(losses[-50:]):.3f}", acc=f"{np.mean(accs[-50:]):.3f}", lr=f"{lr:g}")

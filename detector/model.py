@@ -75,10 +75,9 @@ class SPPDetector:
 
     # ------------------------------------------------------------------ detection
     def proposals(self, image: np.ndarray) -> np.ndarray:
-        from .proposals import selective_search
+        from .proposals import search_options, selective_search
 
-        p = self.cfg.proposals
-        return selective_search(image, mode=p.mode, resize=p.resize, min_size=p.min_size, top_k=p.top_k)
+        return selective_search(image, **search_options(self.cfg))
 
     @torch.inference_mode()
     def detect(self, image, proposals: Optional[np.ndarray] = None,

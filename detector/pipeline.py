@@ -66,7 +66,7 @@ def load_training_set(dataset_dir: str, split: str, cfg: Config) -> Dataset:
 
 
 def get_proposals(ds: Dataset, cfg: Config, cache_root: Path, progress: bool = True) -> dict:
-    from .proposals import compute_proposals
+    from .proposal_cache import compute_proposals
 
     return compute_proposals(ds.records, cache_root / "proposals", cfg.proposals, workers=cfg.proposals.workers,
                              progress=progress)

@@ -23,7 +23,7 @@ def run_detection(model: SPPDetector, ds: Dataset, cache_root: Optional[str] = "
     """Detections for every image (proposals from the shared cache when `cache_root` is given)."""
     proposals = None
     if cache_root is not None:
-        from .proposals import compute_proposals
+        from .proposal_cache import compute_proposals
 
         p = model.cfg.proposals
         proposals = compute_proposals(ds.records, Path(cache_root) / "proposals", p, workers=p.workers,

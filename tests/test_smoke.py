@@ -1,0 +1,119 @@
+"""End to end on a tiny generated dataset: train (few iterations), resume, load, detect, test_voc."""
+import json
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    from detector.config import load_config
+    from detector.datasets.synthetic import make_synthetic
+    from detector.pipeline import train
+
+    tmp = tmp_path_factory.mktemp("smoke")
+    data = make_synthetic(tmp / "data", num_train=16, num_test=6, image_size=(160, 120), seed=3)
+    cfg = load_config(ROOT / "configs" / "smoke.yaml")
+    model_path = train(str(data), str(tmp / "run"), cfg, cache_root=str(tmp / "cache"), progress=False)
+    return tmp, data, model_path
+
+
+def test_train_writes_model_and_stage_records(trained):
+    tmp, data, model_path = trained
+    assert model_path.is_file()
+    stages = json.loads((tmp / "run" / "stages.json").read_text())
+    assert {"proposals", "features", "finetune", "svm", "bbox"} <= set(stages)
+    assert (tmp / "run" / "config.yaml").read_text().startswith("classes:")
+
+
+def test_rerun_resumes_finished_stages(trained, capsys):
+    from detector.config import load_config
+    from detector.pipeline import train
+
+    tmp, data, _ = trained
+    before = json.loads((tmp / "run" / "stages.json").read_text())
+    cfg = load_config(ROOT / "configs" / "smoke.yaml")
+    train(str(data), str(tmp / "run"), cfg, cache_root=str(tmp / "cache"), progress=False)
+    out = capsys.readouterr().out
+    assert "fine-tuning: done before" in out and "done before, reusing" in out
+    after = json.loads((tmp / "run" / "stages.json").read_text())
+    assert after["finetune"] == before["finetune"] and after["svm"] == before["svm"]
+    # a changed SVM setting redoes the SVMs but not the fine-tuning
+    cfg = load_config(ROOT / "configs" / "smoke.yaml", ["svm.C=0.01"])
+    train(str(data), str(tmp / "run"), cfg, cache_root=str(tmp / "cache"), progress=False)
+    again = json.loads((tmp / "run" / "stages.json").read_text())
+    assert again["finetune"] == before["finetune"] and again["svm"]["digest"] != before["svm"]["digest"]
+
+
+def test_load_and_detect_contract(trained):
+    import detector
+    from detector.images import load_image
+
+    tmp, data, model_path = trained
+    model = detector.load(model_path)
+    img_path = sorted((data / "JPEGImages").glob("*.jpg"))[0]
+    res = model.detect(str(img_path))
+    assert set(res) == {"boxes", "scores", "labels", "label_names"}
+    assert res["boxes"].dtype == np.float32 and res["boxes"].shape[1] == 4
+    assert res["labels"].dtype == np.int64 and len(res["label_names"]) == len(res["scores"])
+    assert np.all(np.diff(res["scores"]) <= 0) and len(res["scores"]) <= 100
+    W, H = 160, 120
+    assert (res["boxes"][:, [0, 2]] <= W).all() and (res["boxes"][:, [1, 3]] <= H).all()
+    # same answer from a path, an array and module-level detect with given proposals
+    props = model.proposals(load_image(img_path))
+    a = model.detect(load_image(img_path), proposals=props)
+    b = detector.detect(str(img_path), model=model, proposals=props)
+    assert np.array_equal(a["boxes"], b["boxes"]) and np.array_equal(a["scores"], b["scores"])
+    assert np.array_equal(a["boxes"], res["boxes"])  # selective search is deterministic
+
+
+def test_test_voc_prints_map_and_writes_files(trained, capsys):
+    from tools import test_voc
+
+    tmp, data, model_path = trained
+    rc = test_voc.main(["--model", str(model_path), "--dataset", str(data), "--split", "test",
+                        "--cache", str(tmp / "cache"), "--out", str(tmp / "eval"), "--vis", "2", "--quiet"])
+    assert rc == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert re.fullmatch(r"mAP = \d\.\d{4}", out[-1])
+    assert len(list((tmp / "eval").glob("comp4_det_test_*.txt"))) == 4
+    assert (tmp / "eval" / "coco_results_test.json").is_file()
+    assert len(list((tmp / "eval" / "vis").glob("*.png"))) == 2
+
+
+def test_model_file_errors(trained, tmp_path):
+    import detector
+    from detector.model import ModelFormatError
+    from safetensors.torch import load_file, save_file
+
+    _, _, model_path = trained
+    with pytest.raises(FileNotFoundError, match="nope"):
+        detector.load(tmp_path / "nope.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"junk")
+    with pytest.raises(ModelFormatError, match="junk"):
+        detector.load(tmp_path / "junk.safetensors")
+    from safetensors import safe_open
+
+    with safe_open(str(model_path), framework="pt") as f:
+        meta = dict(f.metadata())
+    meta["version"] = "999"
+    save_file(load_file(str(model_path)), str(tmp_path / "v999.safetensors"), metadata=meta)
+    with pytest.raises(ModelFormatError, match="version 999"):
+        detector.load(tmp_path / "v999.safetensors")
+
+
+def test_model_for_other_classes_is_refused(trained):
+    import detector
+    from detector.datasets.records import Dataset
+    from detector.testing import check_classes
+
+    _, _, model_path = trained
+    model = detector.load(model_path)
+    with pytest.raises(ValueError, match="trained for classes"):
+        check_classes(model, Dataset("x", ["cat", "dog"], []))
