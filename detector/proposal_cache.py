@@ -13,6 +13,7 @@ import logging
 import os
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Iterable, Optional, Sequence, Union
@@ -195,16 +196,7 @@ def compute_proposals(records_or_image_paths: Iterable, cache_dir: Union[str, os
                 done(i, boxes, err)
                 bar.update()
         else:
-            ctx = get_context("spawn")  # fork after torch/OpenMP start-up is unsafe
-            with ProcessPoolExecutor(min(workers, len(todo)), mp_context=ctx, initializer=_init_worker) as ex:
-                futs = {ex.submit(_worker, t): t[0] for t in todo}
-                for fut in as_completed(futs):
-                    try:
-                        i, boxes, err, _ = fut.result()
-                    except Exception as e:  # a worker died (e.g. killed for memory)
-                        i, boxes, err = futs[fut], None, f"worker failed: {type(e).__name__}: {e}"
-                    done(i, boxes, err)
-                    bar.update()
+            _run_pool(todo, workers, done, bar, store.dir)
     finally:
         bar.close()
 
@@ -223,6 +215,49 @@ def compute_proposals(records_or_image_paths: Iterable, cache_dir: Union[str, os
                     "; ".join(f"{p} ({why})" for _, p, why in out.failed[:10])
                     + (" ..." if len(out.failed) > 10 else ""))
     return out
+
+
+def _run_pool(todo: list, workers: int, done, bar, cache_dir: Path, worker=None) -> None:
+    """Run `todo` in spawned processes.  If a process dies (a crash inside OpenCV, the
+    out-of-memory killer), the unfinished images are retried one process each, so only
+    the image that kills its process is lost."""
+    worker = worker or _worker
+    ctx = get_context("spawn")  # fork after torch/OpenMP start-up is unsafe
+    pending = {t[0]: t for t in todo}
+
+    def run(tasks: list, n: int) -> None:
+        ex = ProcessPoolExecutor(n, mp_context=ctx, initializer=_init_worker)
+        try:
+            for fut in as_completed([ex.submit(worker, t) for t in tasks]):
+                i, boxes, err, _ = fut.result()
+                del pending[i]
+                done(i, boxes, err)
+                bar.update()
+        except BaseException:  # a dead worker or Ctrl-C: don't wait for the queued images
+            ex.shutdown(wait=False, cancel_futures=True)
+            raise
+        ex.shutdown()
+
+    try:
+        run(todo, min(workers, len(todo)))
+        return
+    except BrokenProcessPool:
+        log.warning("a proposal worker process died; retrying the %d unfinished images one process each",
+                    len(pending))
+    first = len(pending) == len(todo)
+    for task in list(pending.values()):
+        try:
+            run([task], 1)
+        except BrokenProcessPool as e:
+            if first:  # nothing ever finished: the workers cannot run at all
+                raise RuntimeError(
+                    f"proposal worker processes die before finishing any image ({e}). A calling script "
+                    f"without an `if __name__ == '__main__':` guard does this (spawned workers need it); "
+                    f"finished images are cached in {cache_dir}") from e
+            del pending[task[0]]
+            done(task[0], None, "its worker process died (a crash or out of memory)")
+            bar.update()
+        first = False
 
 
 def _fail(out: ProposalSet, results: list, i: int, iid: str, path: str, why: str) -> None:

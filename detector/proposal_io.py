@@ -116,7 +116,11 @@ def load_rcnn_mat(path: PathLike, image_ids: Optional[Sequence[str]] = None) -> 
 
     if "images" in mat:
         try:
-            found = [_mat_string(x) for x in _mat_cells(mat["images"], path, "images")]
+            imgs = mat["images"]
+            if isinstance(imgs, np.ndarray) and imgs.dtype.kind == "U":  # a char matrix, one id per row
+                found = [str(s).strip() for s in imgs.ravel()]
+            else:
+                found = [_mat_string(x) for x in _mat_cells(imgs, path, "images")]
         except ValueError as e:
             raise ValueError(f"{path}: cannot read the 'images' variable ({e})") from e
         if len(found) != len(boxes):

@@ -324,6 +324,10 @@ def test_rcnn_mat_conversion(tmp_path):
     assert reordered["000009"].tolist() == [[19, 9, 220, 110]]
     with pytest.raises(ValueError, match="'000006'"):
         load_rcnn_mat(p, ["000005", "000006", "000007"])
+    # ids saved as a MATLAB char matrix rather than a cell array
+    scipy.io.savemat(p, {"boxes": _cell([np.array([[2, 3, 4, 5]]), np.array([[1, 1, 9, 9]])]),
+                         "images": np.array(["id_a", "id_b"])})
+    assert load_rcnn_mat(p, ["id_b", "id_a"])["id_a"].tolist() == [[2, 1, 5, 4]]
 
 
 def test_rcnn_mat_without_images(tmp_path):
@@ -402,3 +406,42 @@ def test_tools_end_to_end(tmp_path, monkeypatch):
     assert r["num_gt"] == 2 and r["recall"] == r2["recall"]
     assert r["recall"][-1][0] == 1.0  # the drawn rectangles are found at IoU 0.5
     assert (tmp_path / "r.png").stat().st_size > 1000
+
+
+def _dies_on_second(task):
+    """A worker that kills its own process on image 1 (top-level, so spawned workers can load it)."""
+    import os
+
+    if task[0] == 1:
+        os._exit(3)
+    return proposal_cache._worker(task)
+
+
+def test_dead_worker_loses_only_its_image(tmp_path, images):
+    store = proposal_cache.ProposalStore(tmp_path / "c", _cfg())
+    todo = [(i, p, str(store.file(p)), store.options) for i, p in enumerate(images)]
+    got = {}
+
+    class Bar:
+        def update(self):
+            pass
+
+    proposal_cache._run_pool(todo, 2, lambda i, b, e: got.__setitem__(i, (b, e)), Bar(), store.dir,
+                             worker=_dies_on_second)
+    assert sorted(got) == [0, 1, 2]
+    assert got[1][0] is None and "died" in got[1][1]
+    assert got[0][1] is None and got[2][1] is None
+    assert np.array_equal(got[0][0], store.get(images[0]))
+
+
+def _always_dies(task):
+    import os
+
+    os._exit(3)
+
+
+def test_workers_that_never_run_give_a_clear_error(tmp_path, images):
+    store = proposal_cache.ProposalStore(tmp_path / "c", _cfg())
+    todo = [(i, p, str(store.file(p)), store.options) for i, p in enumerate(images[:2])]
+    with pytest.raises(RuntimeError, match="__main__"):
+        proposal_cache._run_pool(todo, 2, lambda *a: None, None, store.dir, worker=_always_dies)
