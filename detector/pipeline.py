@@ -54,10 +54,21 @@ class _Stages:
         atomic_write_json(self.path, self.done)
 
 
-def load_training_set(dataset_dir: str, split: str, cfg: Config) -> Dataset:
+def load_dataset(path: str, split: str, class_names=None, image_dir: Optional[str] = None) -> Dataset:
+    """A VOC-layout root (with `split`), or a COCO annotation json (images in `image_dir`,
+    default: the json's folder)."""
+    p = Path(path)
+    if p.suffix.lower() == ".json":
+        from .datasets.coco import load_coco
+
+        return load_coco(p, image_dir or p.parent, class_names)
     from .datasets.voc import load_voc
 
-    ds = load_voc(dataset_dir, split, cfg.classes)
+    return load_voc(p, split, class_names)
+
+
+def load_training_set(dataset_dir: str, split: str, cfg: Config, image_dir: Optional[str] = None) -> Dataset:
+    ds = load_dataset(dataset_dir, split, cfg.classes, image_dir)
     if len(ds) == 0:
         raise ValueError(f"{dataset_dir}: training split '{split}' has no usable images")
     if sum(len(r.boxes) for r in ds) == 0:
@@ -91,7 +102,8 @@ STAGES = ("proposals", "features", "finetune", "svm", "bbox", "model")
 
 
 def train(dataset_dir: str, run_dir: str, cfg: Config, train_split: str = "trainval",
-          cache_root: str = "data/cache", progress: bool = True, stop_after: str = "model") -> Optional[Path]:
+          cache_root: str = "data/cache", progress: bool = True, stop_after: str = "model",
+          image_dir: Optional[str] = None) -> Optional[Path]:
     """Run (or resume) the stages up to `stop_after`; returns the model file's path when it is written."""
     if stop_after not in STAGES:
         raise ValueError(f"stop_after must be one of {', '.join(STAGES)}, got {stop_after!r}")
@@ -102,7 +114,7 @@ def train(dataset_dir: str, run_dir: str, cfg: Config, train_split: str = "train
     stages = _Stages(run)
 
     t = time.perf_counter()
-    ds = load_training_set(dataset_dir, train_split, cfg)
+    ds = load_training_set(dataset_dir, train_split, cfg, image_dir)
     cfg.classes = list(ds.class_names)
     (run / "config.yaml").write_text(cfg.dump())
     K = len(ds.class_names)

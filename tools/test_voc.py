@@ -17,7 +17,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True)
-    ap.add_argument("--dataset", required=True)
+    ap.add_argument("--dataset", required=True, help="VOC-layout dataset root, or a COCO annotation .json")
+    ap.add_argument("--image-dir", default=None, help="COCO only: the images' folder (default: the json's folder)")
     ap.add_argument("--split", default="test")
     ap.add_argument("--metric", default="07", choices=["07", "area"], help="VOC07 11-point or VOC2010+ area AP")
     ap.add_argument("--out", default=None, help="where result files go (default: next to the model)")
@@ -31,14 +32,14 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
     import detector
-    from detector.datasets.voc import load_voc
+    from detector.pipeline import load_dataset
     from detector.evaluation import coco_gt_from_arrays, detection_counts, eval_coco, format_ap_table
     from detector.result_files import write_coco_results, write_voc_results
     from detector.testing import check_classes, run_detection, score
     from detector.visualize import save_detections
 
     model = detector.load(args.model)
-    ds = load_voc(args.dataset, args.split, model.class_names)
+    ds = load_dataset(args.dataset, args.split, model.class_names, args.image_dir)
     check_classes(model, ds)
     out = Path(args.out) if args.out else Path(args.model).parent / f"test_{args.split}"
     out.mkdir(parents=True, exist_ok=True)

@@ -17,7 +17,8 @@ from detector.pipeline import STAGES, train  # noqa: E402
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--dataset", required=True, help="VOC-layout dataset root")
+    ap.add_argument("--dataset", required=True, help="VOC-layout dataset root, or a COCO annotation .json")
+    ap.add_argument("--image-dir", default=None, help="COCO only: the images' folder (default: the json's folder)")
     ap.add_argument("--out", required=True, help="run directory (model, stages, checkpoints)")
     ap.add_argument("--train-split", default="trainval")
     ap.add_argument("--cache", default="data/cache", help="proposal and feature cache root")
@@ -29,7 +30,7 @@ def main(argv=None) -> int:
     cfg = load_config(args.config, args.overrides)
     print("config:\n" + cfg.dump())
     path = train(args.dataset, args.out, cfg, args.train_split, args.cache, progress=not args.quiet,
-                 stop_after=args.stop_after)
+                 stop_after=args.stop_after, image_dir=args.image_dir)
     return 0 if path is not None or args.stop_after != "model" else 1
 
 

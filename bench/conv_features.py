@@ -1,0 +1,58 @@
+#!/usr/bin/env python
+"""Conv feature time per image (1 scale and SPEC's 5 scales) and cache size per image per scale,
+for the EfficientNet-Lite0 cuts, on a VOC dataset's images.
+
+  python bench/conv_features.py [--dataset ../shared/datasets/BCCD] [--images 12]
+"""
+import argparse
+import io
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from detector.backbones import efficientnet_lite0  # noqa: E402
+from detector.features import FeatureExtractor  # noqa: E402
+from detector.images import load_image  # noqa: E402
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dataset", default=str(ROOT.parent / "shared" / "datasets" / "BCCD"))
+    ap.add_argument("--images", type=int, default=12)
+    ap.add_argument("--cuts", default="stride16,stride32")
+    args = ap.parse_args(argv)
+    paths = sorted((Path(args.dataset) / "JPEGImages").glob("*.jpg"))[: args.images + 1]
+    imgs = [load_image(p) for p in paths]
+    print(f"# {len(imgs) - 1} images from {args.dataset} ({imgs[0].shape[1]}x{imgs[0].shape[0]}), "
+          f"{torch.get_num_threads()} torch threads, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}")
+    print(f"{'cut':<9} {'scales':<28} {'s/img (median)':>15} {'maps':<40} {'fp16 cache KB/img/scale':>24}")
+    for cut in args.cuts.split(","):
+        bb = efficientnet_lite0(cut=cut)
+        for scales in ([688], [480, 576, 688, 864, 1200]):
+            fx = FeatureExtractor(bb, scales, 2000, "cpu")
+            fx(imgs[0])  # warm-up
+            ts = []
+            for im in imgs[1:]:
+                t = time.perf_counter()
+                out = fx(im)
+                ts.append(time.perf_counter() - t)
+            sizes = []
+            for sf in out:
+                buf = io.BytesIO()
+                np.savez(buf, features=sf.features.numpy().astype(np.float16))
+                sizes.append(len(buf.getvalue()) / 1024)
+            shapes = " ".join("x".join(str(d) for d in sf.features.shape[1:]) for sf in out)
+            print(f"{cut:<9} {str(scales):<28} {statistics.median(ts):15.3f} {shapes:<40} "
+                  f"{statistics.mean(sizes):24.0f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
