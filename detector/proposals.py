@@ -6,22 +6,34 @@
 Boxes follow the library's convention (detector.datasets.records): 0-based
 continuous coordinates, a box covering pixels x..x+w-1 is [x, y, x+w, y+h].
 
-Settings and why (measured on BCCD test, 640x480 blood-cell images, ~20 cells
-of ~100 px each; `bench` commands in the report of the commit that added this):
+Settings and why, measured on BCCD test (72 images of 640x480, ~13 blood
+cells of 30-230 px each); figures are recall@0.5 / recall@0.7 / AR over IoU
+0.5:0.95 with the first 300 and 2000 boxes, from
+`tools/eval_proposals.py --dataset BCCD --split test` and the same through
+compute_proposals with the options changed:
 
-* base_k / inc_k.  OpenCV's fast mode runs graph segmentation at
-  k = base_k, base_k+inc_k, base_k+2*inc_k with OpenCV's defaults 150/150.
-  R-CNN's selective_search_boxes.m (fast mode) uses k = 50, 100.  On 12 BCCD
-  images at resize 500, fast mode, recall@0.5 / recall@0.7 / AR with all
-  proposals: k=150/150: 0.760/0.269/0.282 (~880 boxes); k=100/100:
-  0.822/0.365/0.343; k=50/50: 0.913/0.519/0.428 (~1900 boxes) at the same
-  time per image (~1.8 s).  Default: 50/50.
-* resize.  Longer side 500 (near R-CNN's 500 px width).  At k=150: 500 px
-  0.282 AR, 640 px (no resize) 0.315 but 1.8x slower, 800 px 0.302.  At k=50,
-  640 px was no better than 500 px (AR 0.418 vs 0.428).
-* min_size 8 (original pixels): 4, 8 and 16 gave the same recall on BCCD
-  (OpenCV's graph segmentation already merges segments under 100 px^2); 8
-  keeps small VOC objects.
+* base_k / inc_k.  OpenCV's fast mode segments at k = base_k, base_k+inc_k,
+  base_k+2*inc_k, with OpenCV's defaults 150/150; R-CNN's fast mode
+  (selective_search_boxes.m) uses k = 50, 100.
+    k=150 (~900 boxes):   @300 0.717/0.363/0.324   @2000 0.855/0.503/0.428
+    k=50  (~1800 boxes):  @300 0.742/0.392/0.336   @2000 0.953/0.671/0.539
+    k=30  (~2800 boxes):  @300 0.756/0.337/0.322   @2000 0.965/0.708/0.551
+  at about the same time per image.  Default 50/50: near R-CNN's VOC-tuned
+  values, clearly better than OpenCV's, and k=30's small gain at 2000 comes
+  with a loss at 300.
+* resize.  Longer side 500 (near R-CNN's 500 px width), k=50:
+    500 px:               @300 0.742/0.392/0.336   @2000 0.953/0.671/0.539
+    640 px (none):        @300 0.714/0.327/0.309   @2000 0.953/0.658/0.532
+    800 px:               @300 0.662/0.299/0.281   @2000 0.962/0.640/0.525
+  Larger images give more, smaller boxes, so top_k cuts more of them.
+* min_size 8 (original pixels).  16 gave @300 0.769/0.377/0.343 and @2000
+  0.956/0.675/0.540, the same within noise; 8 keeps small VOC objects.
+* Modes at these settings (time: one process, one 640x480 image; OpenCV
+  threads do not speed it up):
+    fast     1.4 s, ~1800 boxes:  @300 0.742/0.392/0.336   @2000 0.953/0.671/0.539
+    quality  4.5 s, ~6200 -> 2000: @300 0.815/0.451/0.387  @2000 0.969/0.752/0.593
+    single   0.3 s, ~520 boxes:   @300 0.698/0.286/0.284   @2000 0.823/0.407/0.367
+  Default fast, as in SPP-net (SPEC section 9).
 * Order.  OpenCV sorts its boxes by `rand() * level` (C library rand(), not
   cv::RNG, so cv2.setRNGSeed has no effect; seeding libc's srand through ctypes
   does make it repeat on glibc).  The *set* it returns is the same on every
