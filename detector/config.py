@@ -46,6 +46,10 @@ class ProposalConfig:
     resize: int = 500  # longer side (px) selective search runs at; boxes are mapped back
     min_size: int = 8  # drop boxes thinner than this (original pixels)
     top_k: int = 2000
+    base_k: int = 50  # graph-segmentation k (OpenCV: 150); measured on BCCD, see detector/proposals.py
+    inc_k: int = 50
+    sigma: float = 0.8
+    seed: int = 0  # fixes the order of boxes (and so which survive top_k)
     workers: int = 2
 
 

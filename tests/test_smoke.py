@@ -117,3 +117,10 @@ def test_model_for_other_classes_is_refused(trained):
     model = detector.load(model_path)
     with pytest.raises(ValueError, match="trained for classes"):
         check_classes(model, Dataset("x", ["cat", "dog"], []))
+
+
+def test_train_tool_lists_the_pipeline_stages():
+    from detector.pipeline import STAGES
+    from tools import train as train_tool
+
+    assert train_tool.STAGES == STAGES

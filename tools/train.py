@@ -12,7 +12,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from detector.config import add_config_args, load_config  # noqa: E402
-from detector.pipeline import STAGES, train  # noqa: E402
+
+STAGES = ("proposals", "features", "finetune", "svm", "bbox", "model")  # detector.pipeline.STAGES
 
 
 def main(argv=None) -> int:
@@ -29,6 +30,8 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     cfg = load_config(args.config, args.overrides)
     print("config:\n" + cfg.dump())
+    # imported here: spawned proposal workers re-import this script and need not load torch
+    from detector.pipeline import train
     path = train(args.dataset, args.out, cfg, args.train_split, args.cache, progress=not args.quiet,
                  stop_after=args.stop_after, image_dir=args.image_dir)
     return 0 if path is not None or args.stop_after != "model" else 1
