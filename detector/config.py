@@ -56,6 +56,7 @@ class ProposalConfig:
 @dataclass
 class SPPConfig:
     levels: list = field(default_factory=lambda: [1, 2, 3, 6])
+    projection: str = "code"  # window -> cells: code (the authors' release) | paper (the appendix)
 
 
 @dataclass
@@ -235,6 +236,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"proposals.mode must be fast, quality or single, got {cfg.proposals.mode!r}")
     if not cfg.spp.levels or any((not isinstance(n, int)) or n < 1 for n in cfg.spp.levels):
         raise ConfigError(f"spp.levels must be positive integers, got {cfg.spp.levels}")
+    if cfg.spp.projection not in ("code", "paper"):
+        raise ConfigError(f"spp.projection must be 'code' or 'paper', got {cfg.spp.projection!r}")
     if cfg.svm.layer not in ("fc7", "pool5"):
         raise ConfigError(f"svm.layer must be fc7 or pool5, got {cfg.svm.layer!r}")
     if not 0 < cfg.finetune.fg_fraction <= 1:

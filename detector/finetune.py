@@ -80,7 +80,8 @@ def window_labels(images: Sequence[TrainImage], pairs: np.ndarray, fg_iou: float
 
 
 def pool_pairs(images: Sequence[TrainImage], pairs: np.ndarray, flips: np.ndarray, scale_idx: Optional[np.ndarray],
-               get_features: FeatureGetter, backbone: Backbone, levels: Sequence[int]) -> torch.Tensor:
+               get_features: FeatureGetter, backbone: Backbone, levels: Sequence[int],
+               projection: str = "code") -> torch.Tensor:
     """SPP vectors for (image, row) pairs, grouped so each conv map is read once."""
     out = None
     keys = pairs[:, 0] * 2 + flips.astype(np.int64)
@@ -92,7 +93,8 @@ def pool_pairs(images: Sequence[TrainImage], pairs: np.ndarray, flips: np.ndarra
         if flip:
             boxes = mirror_boxes(boxes, im.width)
         v = pool_boxes(get_features(i, flip), boxes, backbone, levels,
-                       scale_index=None if scale_idx is None else scale_idx[sel], name=f"windows of {im.path}")
+                       scale_index=None if scale_idx is None else scale_idx[sel], projection=projection,
+                       name=f"windows of {im.path}")
         if out is None:
             out = torch.empty((len(pairs), v.shape[1]), dtype=torch.float32)
         out[torch.from_numpy(sel)] = v
@@ -100,14 +102,15 @@ def pool_pairs(images: Sequence[TrainImage], pairs: np.ndarray, flips: np.ndarra
 
 
 def estimate_pool5_scale(images: Sequence[TrainImage], get_features: FeatureGetter, backbone: Backbone,
-                         levels: Sequence[int], target: float = 20.0, samples: int = 2000, seed: int = 0) -> float:
+                         levels: Sequence[int], target: float = 20.0, samples: int = 2000, seed: int = 0,
+                         projection: str = "code") -> float:
     """Constant that brings pool5 vectors to mean L2 norm `target` (SPEC §5-6's norm-20 rescaling)."""
     rng = np.random.default_rng(seed)
     pairs = np.concatenate([np.stack([np.full(len(im.windows.boxes), i), np.arange(len(im.windows.boxes))], 1)
                             for i, im in enumerate(images)])
     pick = pairs[rng.choice(len(pairs), size=min(samples, len(pairs)), replace=False)]
     pick = pick[np.lexsort((pick[:, 1], pick[:, 0]))]
-    v = pool_pairs(images, pick, np.zeros(len(pick), bool), None, get_features, backbone, levels)
+    v = pool_pairs(images, pick, np.zeros(len(pick), bool), None, get_features, backbone, levels, projection)
     mean_norm = float(v.norm(dim=1).mean())
     if not np.isfinite(mean_norm) or mean_norm <= 0:
         raise ValueError("pool5 features are all zero: check the backbone weights")
@@ -165,7 +168,7 @@ def finetune(images: Sequence[TrainImage], get_features: FeatureGetter, backbone
         labels = torch.from_numpy(np.concatenate([fg_labels[fi], np.zeros(n_bg, np.int64)]))
         flips = rng.random(len(pairs)) < 0.5 if fc.flip else np.zeros(len(pairs), bool)
         scales = rng.integers(0, n_scales, len(pairs)) if n_scales > 1 else None
-        x = pool_pairs(images, pairs, flips, scales, get_features, backbone, levels) * pool5_scale
+        x = pool_pairs(images, pairs, flips, scales, get_features, backbone, levels, cfg.spp.projection) * pool5_scale
         logits = head(x)
         loss = F.cross_entropy(logits, labels)
         opt.zero_grad()

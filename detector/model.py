@@ -59,8 +59,8 @@ class SPPDetector:
     # ------------------------------------------------------------------ scoring
     def pool5(self, scale_feats: Sequence[ScaleFeatures], boxes: np.ndarray) -> torch.Tensor:
         """Scaled SPP vectors of boxes (original-image pixels)."""
-        return pool_boxes(scale_feats, boxes, self.backbone, self.cfg.spp.levels,
-                          self.cfg.features.scale_rule) * self.pool5_scale
+        return pool_boxes(scale_feats, boxes, self.backbone, self.cfg.spp.levels, self.cfg.features.scale_rule,
+                          projection=self.cfg.spp.projection) * self.pool5_scale
 
     def svm_features(self, pool5: torch.Tensor) -> np.ndarray:
         layer = self.cfg.svm.layer

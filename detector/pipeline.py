@@ -154,13 +154,14 @@ def train(dataset_dir: str, run_dir: str, cfg: Config, train_split: str = "train
 
     levels = cfg.spp.levels
     feat_sig = params_digest({"data": data_sig, "features": fcache.key, "proposals": cfg.proposals.__dict__,
-                              "levels": levels, "seed": cfg.seed})
+                              "levels": levels, "seed": cfg.seed, "projection": cfg.spp.projection})
 
     # 3. fine-tuning
     t = time.perf_counter()
     ft_digest = params_digest({"in": feat_sig, "finetune": cfg.finetune.__dict__, "scale_rule": cfg.features.scale_rule})
     head_file = run / "head.npz"
-    pool5_scale = estimate_pool5_scale(images, get_features, backbone, levels, cfg.svm.target_norm, seed=cfg.seed)
+    pool5_scale = estimate_pool5_scale(images, get_features, backbone, levels, cfg.svm.target_norm, seed=cfg.seed,
+                                       projection=cfg.spp.projection)
     in_dim = backbone.channels * sum(n * n for n in levels)
     head: Optional[FCHead] = None
     if cfg.finetune.enabled:
@@ -197,7 +198,7 @@ def train(dataset_dir: str, run_dir: str, cfg: Config, train_split: str = "train
             w = images[i].windows
             feats = get_features(i, False)
             p5 = pool_boxes(feats, w.boxes, backbone, levels, cfg.features.scale_rule,
-                            name=f"windows of {r.path}") * pool5_scale
+                            projection=cfg.spp.projection, name=f"windows of {r.path}") * pool5_scale
             x = probe.svm_features(p5)
             svm_rows.append((x.astype(np.float16), w.gt_labels, w.class_iou))
             if cfg.bbox.enabled and len(r.boxes):
