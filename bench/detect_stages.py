@@ -55,6 +55,8 @@ def main(argv=None) -> int:
     ap.add_argument("--cache", default=common.DEFAULT_CACHE, help="proposal cache root (--proposals cache)")
     ap.add_argument("--no-box-regression", action="store_true")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    ap.add_argument("--search-threads", type=int, default=None,
+                    help="cv2.setNumThreads, which selective search splits its work over (default: OpenCV's choice)")
     args = ap.parse_args(argv)
     if args.images < 1 or args.warmup < 0:
         ap.error("--images must be >= 1 and --warmup >= 0")
@@ -68,6 +70,10 @@ def main(argv=None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.search_threads:
+        import cv2
+
+        cv2.setNumThreads(args.search_threads)
     common.print_header("detect() per-stage times")
     model = detector.load(args.model)
     if args.scales:

@@ -79,19 +79,81 @@ def _check_options(mode: str, resize, min_size, top_k, base_k, inc_k, sigma) -> 
         raise ValueError(f"need base_k > 0, inc_k >= 0, sigma >= 0; got {base_k}, {inc_k}, {sigma}")
 
 
-def _opencv_rects(bgr: np.ndarray, mode: str, base_k: int, inc_k: int, sigma: float) -> np.ndarray:
+def _opencv_rects(bgr: np.ndarray, mode: str, base_k: int, inc_k: int, sigma: float,
+                  threads: int = 1) -> np.ndarray:
+    """OpenCV's selective-search rectangles (x, y, w, h), as a set (order undefined).
+
+    threads > 1 splits the work across threads.  OpenCV's process() runs one
+    hierarchical grouping per (colour image, segmentation k, strategy) and
+    returns the union of their boxes, each grouping independent of the others,
+    so the same units run in separate SelectiveSearchSegmentation objects give
+    the same set (tests/test_proposals.py checks this against OpenCV's own
+    switchToSelectiveSearchFast/Quality).  OpenCV releases the GIL while it
+    works and runs each grouping on one core, so this is what makes a search
+    use more than one core (BENCHMARKS.md, detect() per stage).
+    """
     import cv2
 
-    ss = cv2.ximgproc.segmentation.createSelectiveSearchSegmentation()
-    ss.setBaseImage(bgr)
+    if threads <= 1 or mode == "single":
+        ss = cv2.ximgproc.segmentation.createSelectiveSearchSegmentation()
+        ss.setBaseImage(bgr)
+        if mode == "fast":
+            ss.switchToSelectiveSearchFast(int(base_k), int(inc_k), float(sigma))
+        elif mode == "quality":
+            ss.switchToSelectiveSearchQuality(int(base_k), int(inc_k), float(sigma))
+        else:
+            ss.switchToSingleStrategy(int(base_k), float(sigma))
+        return np.asarray(ss.process(), np.float64).reshape(-1, 4)
+
+    from concurrent.futures import ThreadPoolExecutor
+
+    units = [(img, k) for img in _colour_images(bgr, mode) for k in _ks(mode, base_k, inc_k)]
+    with ThreadPoolExecutor(max_workers=min(int(threads), len(units))) as pool:
+        parts = list(pool.map(lambda u: _grouping_rects(u[0], u[1], mode, sigma), units))
+    return np.concatenate([np.asarray(r, np.float64).reshape(-1, 4) for r in parts])
+
+
+# The pieces of OpenCV's switchToSelectiveSearchFast / Quality
+# (opencv_contrib modules/ximgproc/src/selectivesearchsegmentation.cpp), one per unit of work.
+def _colour_images(bgr: np.ndarray, mode: str) -> list:
+    import cv2
+
+    hsv, lab = cv2.cvtColor(bgr, cv2.COLOR_BGR2HSV), cv2.cvtColor(bgr, cv2.COLOR_BGR2Lab)
     if mode == "fast":
-        ss.switchToSelectiveSearchFast(int(base_k), int(inc_k), float(sigma))
-    elif mode == "quality":
-        ss.switchToSelectiveSearchQuality(int(base_k), int(inc_k), float(sigma))
-    else:
-        ss.switchToSingleStrategy(int(base_k), float(sigma))
-    rects = ss.process()
-    return np.asarray(rects, np.float64).reshape(-1, 4)  # x, y, w, h
+        return [hsv, lab]
+    gray = cv2.cvtColor(bgr, cv2.COLOR_BGR2GRAY)
+    rgi = cv2.merge([np.ascontiguousarray(bgr[:, :, 2]), np.ascontiguousarray(bgr[:, :, 1]), gray])
+    # OpenCV means the 4th image to be the hue channel, but its second split() writes the
+    # blue channel into the same buffer, so the hue image it searches is in fact blue.
+    # Reproduced, so that both paths give the same boxes (tested).
+    return [hsv, lab, gray, np.ascontiguousarray(bgr[:, :, 0]), rgi]
+
+
+def _ks(mode: str, base_k: int, inc_k: int) -> list:
+    n = 3 if mode == "fast" else 5
+    return [int(base_k) + i * int(inc_k) for i in range(n)]
+
+
+def _grouping_rects(image: np.ndarray, k: int, mode: str, sigma: float):
+    import cv2
+
+    seg = cv2.ximgproc.segmentation
+    ss = seg.createSelectiveSearchSegmentation()
+    gs = seg.createGraphSegmentation()  # OpenCV's defaults (min_size 100), then k and sigma, as the switch does
+    gs.setK(float(k))
+    gs.setSigma(float(np.float32(sigma)))  # the switch passes sigma as a C float; 0.8f != 0.8 changes the blur
+    ss.addImage(image)
+    ss.addGraphSegmentation(gs)
+    ss.addStrategy(seg.createSelectiveSearchSegmentationStrategyMultiple(
+        seg.createSelectiveSearchSegmentationStrategyColor(), seg.createSelectiveSearchSegmentationStrategyFill(),
+        seg.createSelectiveSearchSegmentationStrategyTexture(), seg.createSelectiveSearchSegmentationStrategySize()))
+    ss.addStrategy(seg.createSelectiveSearchSegmentationStrategyMultiple(
+        seg.createSelectiveSearchSegmentationStrategyFill(), seg.createSelectiveSearchSegmentationStrategyTexture(),
+        seg.createSelectiveSearchSegmentationStrategySize()))
+    if mode == "quality":
+        ss.addStrategy(seg.createSelectiveSearchSegmentationStrategyFill())
+        ss.addStrategy(seg.createSelectiveSearchSegmentationStrategySize())
+    return ss.process()
 
 
 def selective_search(image, mode: str = "fast", *, resize: Optional[int] = DEFAULTS["resize"],
@@ -111,7 +173,9 @@ def selective_search(image, mode: str = "fast", *, resize: Optional[int] = DEFAU
     (up or down) before the search; None or 0: as is.
     base_k, inc_k, sigma: graph-segmentation settings passed to OpenCV.
     seed: the permutation that orders the boxes (see the module docstring).
-    num_threads: if given, cv2.setNumThreads(num_threads) first (process-wide).
+    num_threads: threads to split the search over (the result does not depend
+    on it); default cv2.getNumThreads(), which the proposal-cache worker
+    processes set to 1.
     """
     import cv2
 
@@ -120,15 +184,14 @@ def selective_search(image, mode: str = "fast", *, resize: Optional[int] = DEFAU
     _check_options(mode, resize, min_size, top_k, base_k, inc_k, sigma)
     rgb = load_image(image)
     h, w = rgb.shape[:2]
-    if num_threads is not None:
-        cv2.setNumThreads(int(num_threads))
+    threads = cv2.getNumThreads() if num_threads is None else int(num_threads)
     bgr = np.ascontiguousarray(rgb[:, :, ::-1])
     if resize and max(h, w) != resize:
         s = resize / max(h, w)
         size = (max(1, round(w * s)), max(1, round(h * s)))
         bgr = cv2.resize(bgr, size, interpolation=cv2.INTER_AREA if s < 1 else cv2.INTER_LINEAR)
     rh, rw = bgr.shape[:2]
-    r = _opencv_rects(bgr, mode, base_k, inc_k, sigma)
+    r = _opencv_rects(bgr, mode, base_k, inc_k, sigma, threads)
 
     # OpenCV's Rect(x, y, w, h) covers pixels x..x+w-1, i.e. [x, x+w) continuous;
     # scale each axis by its own factor (rounding made them differ slightly).

@@ -88,7 +88,7 @@ def test_boxes_mapped_back_by_hand(monkeypatch):
     """Fake OpenCV output in resized pixels; check mapping, clipping, min_size and dedup by hand."""
     seen = {}
 
-    def fake_rects(bgr, mode, base_k, inc_k, sigma):
+    def fake_rects(bgr, mode, base_k, inc_k, sigma, threads=1):
         seen["shape"], seen["pixel"] = bgr.shape, bgr[0, 0].copy()
         return np.array([[10, 5, 20, 10],    # -> [20, 10, 60, 30]
                          [10, 5, 20, 10],    # duplicate
@@ -125,6 +125,25 @@ def test_min_size_top_k_and_order_prefix():
     top = selective_search(img, resize=None, min_size=20, top_k=7)
     assert len(top) == 7
     assert np.array_equal(top, filtered[:7])  # truncation keeps the same order
+
+
+@pytest.mark.parametrize("mode", ["fast", "quality"])
+def test_threaded_search_equals_opencv_switch(mode):
+    # threads > 1 rebuilds OpenCV's fast/quality configuration unit by unit; the reference is
+    # OpenCV's own switchToSelectiveSearchFast/Quality in one object (num_threads=1).
+    # Smooth random texture: unlike flat rectangles it is sensitive to the segmentation's blur
+    # (a sigma of 0.8 instead of OpenCV's 0.8f changes ~1% of the boxes here).
+    import cv2
+
+    noise = np.random.default_rng(6).integers(0, 256, (30, 40, 3)).astype(np.uint8)  # seed 6: sensitive
+    textured = cv2.resize(noise, (160, 120), interpolation=cv2.INTER_CUBIC)
+    rects = _scene(h=90, w=120, rects=((10, 10, 40, 40), (50, 30, 110, 80), (20, 55, 45, 85)), seed=3)
+    for img in (textured, rects):
+        ref = selective_search(img, mode, resize=None, min_size=0, top_k=None, num_threads=1)
+        for threads in (2, 3):
+            got = selective_search(img, mode, resize=None, min_size=0, top_k=None, num_threads=threads)
+            assert np.array_equal(got, ref)
+        assert len(ref) > 20
 
 
 @pytest.mark.parametrize("mode", ["fast", "quality", "single"])
