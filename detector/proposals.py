@@ -28,8 +28,10 @@ compute_proposals with the options changed:
   Larger images give more, smaller boxes, so top_k cuts more of them.
 * min_size 8 (original pixels).  16 gave @300 0.769/0.377/0.343 and @2000
   0.956/0.675/0.540, the same within noise; 8 keeps small VOC objects.
-* Modes at these settings (time: one process, one 640x480 image; OpenCV
-  threads do not speed it up):
+* Modes at these settings (time: one thread, one 640x480 image; OpenCV's own
+  process() uses one core, so num_threads > 1 splits its groupings over
+  threads: fast 2.0 -> 1.1 s, quality 5.1 -> 3.3 s with 2 threads on 2 cores,
+  same boxes; measured on a slower day than the figures below):
     fast     1.4 s, ~1800 boxes:  @300 0.742/0.392/0.336   @2000 0.953/0.671/0.539
     quality  4.5 s, ~6200 -> 2000: @300 0.815/0.451/0.387  @2000 0.969/0.752/0.593
     single   0.3 s, ~520 boxes:   @300 0.698/0.286/0.284   @2000 0.823/0.407/0.367
