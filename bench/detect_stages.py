@@ -55,6 +55,8 @@ def main(argv=None) -> int:
     ap.add_argument("--cache", default=common.DEFAULT_CACHE, help="proposal cache root (--proposals cache)")
     ap.add_argument("--no-box-regression", action="store_true")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    ap.add_argument("--set", dest="overrides", nargs="+", default=[], metavar="test.KEY=VALUE",
+                    help="test-time settings of the model, e.g. --set test.max_per_image=50")
     ap.add_argument("--search-threads", type=int, default=None,
                     help="cv2.setNumThreads, which selective search splits its work over (default: OpenCV's choice)")
     args = ap.parse_args(argv)
@@ -65,6 +67,7 @@ def main(argv=None) -> int:
     import torch
 
     import detector
+    from detector.config import apply_test_overrides
     from detector.images import load_image
     from detector.pipeline import load_dataset
 
@@ -76,6 +79,7 @@ def main(argv=None) -> int:
         cv2.setNumThreads(args.search_threads)
     common.print_header("detect() per-stage times")
     model = detector.load(args.model)
+    apply_test_overrides(model.cfg, args.overrides)
     if args.scales:
         set_scales(model, common.parse_int_list(args.scales, "--scales"))
     scales = model.extractor.scales

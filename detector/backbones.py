@@ -35,9 +35,10 @@ import torch
 from torch import nn
 
 from .cache import file_digest
+from .errors import InputError
 
 
-class WeightsError(FileNotFoundError):
+class WeightsError(InputError, FileNotFoundError):
     """Backbone weights are missing or do not fit; the message says how to supply them."""
 
 

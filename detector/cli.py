@@ -1,5 +1,6 @@
 """Console entry points (installed by setup.cfg)."""
 import argparse
+import sys
 from pathlib import Path
 
 DETECT_DOC = """Detect objects in images with a trained model; print them and write PNGs with boxes.
@@ -14,12 +15,16 @@ def detect_main(argv=None) -> int:
     ap.add_argument("--model", required=True)
     ap.add_argument("--out", default="data/detections", help="folder for the drawn PNGs")
     ap.add_argument("--thresh", type=float, default=0.0, help="print and draw detections scoring above this")
+    ap.add_argument("--set", dest="overrides", nargs="+", default=[], metavar="test.KEY=VALUE",
+                    help="test-time settings, e.g. --set test.max_per_image=50 (after the images)")
     args = ap.parse_args(argv)
 
     import detector
+    from detector.config import apply_test_overrides
     from detector.visualize import save_detections
 
     model = detector.load(args.model)
+    apply_test_overrides(model.cfg, args.overrides)
     for path in args.images:
         res = model.detect(path)
         keep = res["scores"] >= args.thresh
@@ -31,3 +36,17 @@ def detect_main(argv=None) -> int:
     return 0
 
 
+def detect_cli() -> int:
+    return run_tool(detect_main)
+
+
+def run_tool(main, argv=None) -> int:
+    """Run a tool's main(); bad input (detector.errors.InputError: config, dataset, image,
+    weights, model file) prints one line naming the problem and exits with 2, no traceback."""
+    from .errors import InputError
+
+    try:
+        return main(argv)
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2

@@ -15,8 +15,10 @@ from typing import Any, Optional
 
 import yaml
 
+from .errors import InputError
 
-class ConfigError(ValueError):
+
+class ConfigError(InputError, ValueError):
     pass
 
 
@@ -242,6 +244,22 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"svm.layer must be fc7 or pool5, got {cfg.svm.layer!r}")
     if not 0 < cfg.finetune.fg_fraction <= 1:
         raise ConfigError("finetune.fg_fraction must be in (0, 1]")
+    if not 0 < cfg.test.nms_iou <= 1:
+        raise ConfigError(f"test.nms_iou must be in (0, 1], got {cfg.test.nms_iou}")
+    if cfg.test.max_per_image < 1:
+        raise ConfigError(f"test.max_per_image must be >= 1, got {cfg.test.max_per_image}")
+
+
+def apply_test_overrides(cfg: Config, items: list[str] | None) -> None:
+    """--set for tools that run a trained model: only `test.*` keys, since everything else
+    (scales, backbone, SVM layer...) is fixed by how the model was trained."""
+    for item in items or []:
+        k, v = parse_override(item)
+        if not k.startswith("test."):
+            raise ConfigError(f"override '{item}': only test.* keys can change for a trained model "
+                              f"(valid: {', '.join('test.' + f.name for f in dataclasses.fields(TestConfig))})")
+        set_value(cfg, k, v)
+    validate(cfg)
 
 
 def add_config_args(parser) -> None:

@@ -13,8 +13,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from .errors import InputError
 
-class ImageError(ValueError):
+
+class ImageError(InputError, ValueError):
     """An image could not be read or converted; the message names the file."""
 
 

@@ -20,6 +20,7 @@ import torch
 from .backbones import Backbone, build_backbone
 from .bbox_regression import BoxRegressor
 from .config import Config, config_from_dict
+from .errors import InputError
 from .features import FeatureExtractor, ScaleFeatures
 from .heads import FCHead
 from .images import load_image
@@ -31,7 +32,7 @@ FORMAT = "sppnet-detector"
 FORMAT_VERSION = 1
 
 
-class ModelFormatError(ValueError):
+class ModelFormatError(InputError, ValueError):
     pass
 
 

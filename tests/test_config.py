@@ -44,3 +44,32 @@ def test_shipped_configs_load():
     assert files, "configs/ should ship YAML files"
     for f in files:
         load_config(f)
+
+
+def test_test_time_overrides_only_touch_the_test_section():
+    from detector.config import apply_test_overrides
+
+    cfg = Config()
+    apply_test_overrides(cfg, ["test.max_per_image=50", "test.nms_iou=0.4"])
+    assert cfg.test.max_per_image == 50 and cfg.test.nms_iou == 0.4
+    with pytest.raises(ConfigError, match="only test"):
+        apply_test_overrides(cfg, ["features.scales=[480]"])
+    assert cfg.features.scales == Config().features.scales
+    with pytest.raises(ConfigError, match="nms_iou must be in"):
+        apply_test_overrides(cfg, ["test.nms_iou=0"])
+
+
+def test_tools_print_input_errors_without_traceback(capsys):
+    from detector.cli import run_tool
+
+    def bad_config(argv):
+        return load_config(None, ["nope=1"]) and 0
+
+    assert run_tool(bad_config) == 2
+    assert "error: unknown config key 'nope'" in capsys.readouterr().err
+
+    def bug(argv):  # not an input error: must still raise, with its traceback
+        raise KeyError("x")
+
+    with pytest.raises(KeyError):
+        run_tool(bug)

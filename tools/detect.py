@@ -8,7 +8,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from detector.cli import detect_main  # noqa: E402
+from detector.cli import detect_cli  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(detect_main())
+    sys.exit(detect_cli())

@@ -13,6 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from detector.cli import run_tool  # noqa: E402
 from detector.config import add_config_args, load_config  # noqa: E402
 from detector.proposal_cache import compute_proposals, proposals_for  # noqa: E402
 from detector.proposal_io import load_proposals  # noqa: E402
@@ -65,4 +66,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_tool(main))

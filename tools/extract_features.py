@@ -12,6 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from detector.cli import run_tool  # noqa: E402
 from detector.backbones import build_backbone  # noqa: E402
 from detector.config import add_config_args, load_config  # noqa: E402
 from detector.features import FeatureCache, FeatureExtractor, extract_all, list_images, parse_shard  # noqa: E402
@@ -57,4 +58,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_tool(main))

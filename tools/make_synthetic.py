@@ -11,6 +11,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from detector.cli import run_tool  # noqa: E402
+
 
 def main(argv=None) -> int:
     from detector.datasets.synthetic import DEFAULT_CLASSES, make_synthetic
@@ -31,4 +33,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_tool(main))

@@ -13,6 +13,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from detector.cli import run_tool  # noqa: E402
+
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -28,10 +30,13 @@ def main(argv=None) -> int:
     ap.add_argument("--no-box-regression", action="store_true")
     ap.add_argument("--coco", action="store_true", help="also print COCO AP@[.5:.95] via pycocotools")
     ap.add_argument("--quiet", action="store_true")
+    ap.add_argument("--set", dest="overrides", nargs="+", default=[], metavar="test.KEY=VALUE",
+                    help="test-time settings, e.g. --set test.nms_iou=0.4 test.max_per_image=50")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
     import detector
+    from detector.config import apply_test_overrides
     from detector.pipeline import load_dataset
     from detector.evaluation import coco_gt_from_arrays, detection_counts, eval_coco, format_ap_table
     from detector.result_files import write_coco_results, write_voc_results
@@ -39,6 +44,7 @@ def main(argv=None) -> int:
     from detector.visualize import save_detections
 
     model = detector.load(args.model)
+    apply_test_overrides(model.cfg, args.overrides)
     ds = load_dataset(args.dataset, args.split, model.class_names, args.image_dir)
     check_classes(model, ds)
     out = Path(args.out) if args.out else Path(args.model).parent / f"test_{args.split}"
@@ -71,4 +77,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_tool(main))

@@ -11,6 +11,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from detector.cli import run_tool  # noqa: E402
 from detector.config import add_config_args, load_config  # noqa: E402
 
 STAGES = ("proposals", "features", "finetune", "svm", "bbox", "model")  # detector.pipeline.STAGES
@@ -38,4 +39,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_tool(main))

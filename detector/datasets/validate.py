@@ -24,11 +24,12 @@ from typing import Any
 import numpy as np
 
 from .records import Dataset
+from ..errors import InputError
 
 logger = logging.getLogger(__name__)
 
 
-class DatasetError(ValueError):
+class DatasetError(InputError, ValueError):
     """The dataset cannot be loaded as asked; the message names the file and the problem."""
 
 
