@@ -113,21 +113,21 @@ def main(argv=None) -> int:
         img = load_image(rec.path)
         decode = time.perf_counter() - t
         res = model.detect(img, proposals=props.get(rec.image_id), box_regression=not args.no_box_regression)
-        return decode, res, dict(model.last_timings)
+        return decode, res, dict(model.last_timings), dict(model.last_counts)
 
     for rec in warm:
         run(rec)
-    rows, decodes, n_props, n_dets, skipped = [], [], [], [], []
+    rows, decodes, n_props, n_dets, distinct, skipped = [], [], [], [], [], []
     for rec in timed:
-        decode, res, t = run(rec)
+        decode, res, t, counts = run(rec)
         if "total" not in t:  # detect() returned early: no proposals survived
             skipped.append(rec.image_id)
             continue
         rows.append(t)
         decodes.append(decode)
         n_dets.append(len(res["scores"]))
-        if rec.image_id in props:
-            n_props.append(len(props[rec.image_id]))
+        n_props.append(counts["proposals"])
+        distinct.append(counts["windows"] / counts["proposals"])
     if not rows:
         print("no image produced timings (no proposals on any of them)")
         return 1
@@ -153,8 +153,8 @@ def main(argv=None) -> int:
         print("(proposals = selective search on the decoded image, inside detect())")
     else:
         print("(proposals came from the cache: that row is only their validation; total excludes selective search)")
-    n_p = f"median {common.median(n_props):.0f}" if n_props else f"at most top_k = {model.cfg.proposals.top_k}"
-    print(f"proposals per image: {n_p}; detections per image: median {common.median(n_dets):.0f}")
+    print(f"proposals per image: median {common.median(n_props):.0f}, of which distinct (scale, window) pooled and "
+          f"scored: median {100 * common.median(distinct):.1f}%; detections per image: median {common.median(n_dets):.0f}")
 
     props_t = np.array([t["proposals"] for t in rows])
     conv_t = np.array([t.get("features.conv", 0.0) for t in rows])

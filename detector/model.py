@@ -24,7 +24,7 @@ from .errors import InputError
 from .features import FeatureExtractor, ScaleFeatures
 from .heads import FCHead
 from .images import load_image
-from .pooling import pool_boxes
+from .pooling import pool_boxes, pool_unique_boxes
 from .postprocess import finalize_detections, select_detections
 from .projection import check_boxes
 
@@ -53,6 +53,7 @@ class SPPDetector:
         self.regressor = regressor
         self.extractor = FeatureExtractor(backbone, cfg.features.scales, cfg.features.max_size, device)
         self.last_timings: dict[str, float] = {}
+        self.last_counts: dict[str, int] = {}  # proposals, and distinct windows pooled and scored
         if self.svm_W.shape[1] != len(self.class_names):
             raise ModelFormatError(f"SVM weights cover {self.svm_W.shape[1]} classes, class list has "
                                    f"{len(self.class_names)}")
@@ -62,6 +63,12 @@ class SPPDetector:
         """Scaled SPP vectors of boxes (original-image pixels)."""
         return pool_boxes(scale_feats, boxes, self.backbone, self.cfg.spp.levels, self.cfg.features.scale_rule,
                           projection=self.cfg.spp.projection) * self.pool5_scale
+
+    def pool5_unique(self, scale_feats: Sequence[ScaleFeatures], boxes: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
+        """pool5 of the distinct windows among `boxes`, and each box's row in it."""
+        pooled, inverse = pool_unique_boxes(scale_feats, boxes, self.backbone, self.cfg.spp.levels,
+                                            self.cfg.features.scale_rule, projection=self.cfg.spp.projection)
+        return pooled * self.pool5_scale, inverse
 
     def svm_features(self, pool5: torch.Tensor) -> np.ndarray:
         layer = self.cfg.svm.layer
@@ -111,13 +118,13 @@ class SPPDetector:
         t["features"] = time.perf_counter() - t1
         t.update({f"features.{k}": v for k, v in self.extractor.last_timings.items()} if features is None else {})
         t2 = time.perf_counter()
-        pool5 = self.pool5(feats, proposals)
+        pool5, row = self.pool5_unique(feats, proposals)
         t3 = time.perf_counter()
         t["spp"] = t3 - t2
         x = self.svm_features(pool5)
         t4 = time.perf_counter()
         t["fc"] = t4 - t3
-        scores = self.svm_scores(x)
+        scores = self.svm_scores(x)[row]
         t5 = time.perf_counter()
         t["svm"] = t5 - t4
         tc = self.cfg.test
@@ -127,7 +134,7 @@ class SPPDetector:
         t6 = time.perf_counter()
         kept = proposals[sel.indices]
         if box_regression and self.regressor is not None and len(sel):
-            kept = self.regressor.predict(pool5[torch.from_numpy(sel.indices)].numpy(), kept, sel.labels)
+            kept = self.regressor.predict(pool5[torch.from_numpy(row[sel.indices])].numpy(), kept, sel.labels)
         t7 = time.perf_counter()
         out = finalize_detections(kept, sel.scores, sel.labels, (W, H), tc.nms_iou if nms_iou is None else nms_iou,
                                   tc.second_nms, sel.indices)
@@ -135,6 +142,7 @@ class SPPDetector:
         t["bbox"] = t7 - t6
         t["nms"] = (t6 - t5) + (t8 - t7)
         t["total"] = t8 - t0
+        self.last_counts = {"proposals": len(proposals), "windows": len(pool5)}
         return {"boxes": out["boxes"], "scores": out["scores"], "labels": out["labels"],
                 "label_names": [self.class_names[k] for k in out["labels"]]}
 

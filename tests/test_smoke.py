@@ -73,6 +73,25 @@ def test_load_and_detect_contract(trained):
     assert np.array_equal(a["boxes"], res["boxes"])  # selective search is deterministic
 
 
+def test_detect_scoring_distinct_windows_once_changes_nothing(trained, monkeypatch):
+    import detector
+    from detector.images import load_image
+
+    tmp, data, model_path = trained
+    model = detector.load(model_path)
+    img = load_image(sorted((data / "JPEGImages").glob("*.jpg"))[1])
+    props = model.proposals(img)
+    fast = model.detect(img, proposals=props, score_thresh=-10.0)
+    assert model.last_counts["windows"] < model.last_counts["proposals"] == len(props)
+    # every box pooled and scored on its own, as before the shortcut
+    monkeypatch.setattr(model, "pool5_unique", lambda feats, boxes: (model.pool5(feats, boxes), np.arange(len(boxes))))
+    naive = model.detect(img, proposals=props, score_thresh=-10.0)
+    assert len(fast["scores"]) > 10
+    np.testing.assert_array_equal(fast["labels"], naive["labels"])
+    np.testing.assert_allclose(fast["scores"], naive["scores"], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(fast["boxes"], naive["boxes"], rtol=1e-5, atol=1e-3)
+
+
 def test_test_voc_prints_map_and_writes_files(trained, capsys):
     from tools import test_voc
 
