@@ -279,7 +279,7 @@ def train_box_regressors(
     untrained (boxes unchanged); one with fewer than min_examples (a 4-d
     covariance needs 5 points) is trained without whitening.  Both warn.
     """
-    x = np.asarray(features)  # float32 stays float32: ridge_solve upcasts chunk by chunk
+    x = np.asarray(features)  # float16/32 stay as they are: ridge_solve upcasts chunk by chunk
     if x.ndim != 2:
         raise ValueError(f"train_box_regressors: features must be [N, D], got shape {x.shape}")
     labels = np.asarray(labels, np.int64).reshape(-1)

@@ -30,6 +30,7 @@ def test_train_writes_model_and_stage_records(trained):
     stages = json.loads((tmp / "run" / "stages.json").read_text())
     assert {"proposals", "features", "finetune", "svm", "bbox"} <= set(stages)
     assert (tmp / "run" / "config.yaml").read_text().startswith("classes:")
+    assert not list((tmp / "run").glob("svm_rows_*")), "per-image SVM rows are removed once the SVMs exist"
 
 
 def test_rerun_resumes_finished_stages(trained, capsys):
