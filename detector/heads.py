@@ -41,9 +41,9 @@ class FCHead(nn.Module):
         """Features after ReLU at `layer` (eval mode: no dropout)."""
         if layer == "pool5":
             return x
-        h = torch.relu(self.fc6(x))
+        h = torch.relu_(self.fc6(x))  # in place: no second [N, 1024] buffer
         if layer == "fc6":
             return h
         if layer == "fc7":
-            return torch.relu(self.fc7(h))
+            return torch.relu_(self.fc7(h))
         raise ValueError(f"layer must be pool5, fc6 or fc7, got {layer!r}")

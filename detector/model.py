@@ -68,7 +68,7 @@ class SPPDetector:
         """pool5 of the distinct windows among `boxes`, and each box's row in it."""
         pooled, inverse = pool_unique_boxes(scale_feats, boxes, self.backbone, self.cfg.spp.levels,
                                             self.cfg.features.scale_rule, projection=self.cfg.spp.projection)
-        return pooled * self.pool5_scale, inverse
+        return pooled.mul_(self.pool5_scale), inverse  # in place: a fresh [N, D] costs page faults
 
     def svm_features(self, pool5: torch.Tensor) -> np.ndarray:
         layer = self.cfg.svm.layer

@@ -71,6 +71,16 @@ def test_other_levels_and_float16_input():
     assert torch.equal(got, naive_spp(f.float(), win, levels=(4, 1)))
 
 
+@pytest.mark.parametrize("levels", [(3, 6, 2, 1), (5, 2, 10, 4), (8, 4, 2, 1, 7), (2, 2, 4)])
+def test_table_derives_coarse_levels_from_finer_ones_exactly(levels):
+    # levels that divide a finer one are built from its bins, in any order, with levels that do not
+    g = torch.Generator().manual_seed(3)
+    f = torch.randn(5, 26, 31, generator=g)
+    win = torch.cat([random_windows(g, 26, 31, 120), torch.tensor([[0, 0, 30, 25], [4, 7, 4, 7], [0, 25, 30, 25]])])
+    got = spatial_pyramid_pool(f, win, levels=levels, method="table")
+    assert torch.equal(got, naive_spp(f, win, levels=levels))
+
+
 def test_fixed_length_whatever_the_window():
     f = torch.randn(4, 30, 30)
     lens = {spatial_pyramid_pool(f, torch.tensor([[0, 0, s, s]])).shape[1] for s in range(30)}
