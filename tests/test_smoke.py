@@ -52,6 +52,49 @@ def test_rerun_resumes_finished_stages(trained, capsys):
     assert again["finetune"] == before["finetune"] and again["svm"]["digest"] != before["svm"]["digest"]
 
 
+def test_interrupted_svm_feature_pass_resumes_per_image(trained, monkeypatch):
+    import shutil
+
+    import detector.pipeline as pipeline
+    from detector.config import load_config
+
+    tmp, data, _ = trained
+    cfg = load_config(ROOT / "configs" / "smoke.yaml")
+    runs = {}
+    for name in ("reference", "resumed"):
+        runs[name] = tmp / f"run_{name}"
+        shutil.copytree(tmp / "run", runs[name])
+        for f in ("svm.npz", "bbox.npz", "model.safetensors"):
+            (runs[name] / f).unlink()
+    real, calls, stop_at = pipeline.select_regression_examples, [], [None]
+
+    def counted(*args, **kwargs):  # called once per image in the SVM feature pass
+        calls.append(1)
+        if len(calls) == stop_at[0]:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "select_regression_examples", counted)
+    pipeline.train(str(data), str(runs["reference"]), cfg, cache_root=str(tmp / "cache"), progress=False)
+    n_images = len(calls)
+    calls.clear()
+    stop_at[0] = 4
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.train(str(data), str(runs["resumed"]), cfg, cache_root=str(tmp / "cache"), progress=False)
+    (rows_dir,) = runs["resumed"].glob("svm_rows_*")
+    assert sorted(p.name for p in rows_dir.iterdir()) == [f"{i:06d}_{k}.npz" for i in range(3) for k in ("bbox", "svm")]
+    calls.clear()
+    stop_at[0] = None
+    pipeline.train(str(data), str(runs["resumed"]), cfg, cache_root=str(tmp / "cache"), progress=False)
+    assert n_images > 4 and len(calls) == n_images - 3  # images 0-2 were read back, not recomputed
+    assert not rows_dir.exists()
+    for f in ("svm.npz", "bbox.npz"):
+        with np.load(runs["reference"] / f) as a, np.load(runs["resumed"] / f) as b:
+            assert sorted(a.files) == sorted(b.files)
+            for k in a.files:
+                np.testing.assert_array_equal(a[k], b[k])
+
+
 def test_load_and_detect_contract(trained):
     import detector
     from detector.images import load_image
