@@ -42,11 +42,12 @@ def detect_cli() -> int:
 
 def run_tool(main, argv=None) -> int:
     """Run a tool's main(); bad input (detector.errors.InputError: config, dataset, image,
-    weights, model file) prints one line naming the problem and exits with 2, no traceback."""
+    weights, model file) prints one line naming the problem and exits with 2, no traceback.
+    So does a missing file: the tools' paths come from the user."""
     from .errors import InputError
 
     try:
         return main(argv)
-    except InputError as e:
+    except (InputError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -117,6 +117,23 @@ def test_load_and_detect_contract(trained):
     assert np.array_equal(a["boxes"], res["boxes"])  # selective search is deterministic
 
 
+def test_detect_command_prints_draws_and_takes_test_settings(trained, capsys):
+    import detector
+    from detector.cli import detect_main
+
+    tmp, data, model_path = trained
+    images = [str(p) for p in sorted((data / "JPEGImages").glob("*.jpg"))[:2]]
+    full = detector.load(model_path).detect(images[0])
+    assert len(full["scores"]) > 2  # so the cap below has something to cut
+    rc = detect_main(images + ["--model", str(model_path), "--out", str(tmp / "drawn"), "--thresh=-1e9",
+                               "--set", "test.max_per_image=2"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    heads = [line for line in out.splitlines() if line.endswith("detections (score >= -1000000000.0)")]
+    assert len(heads) == 2 and all(": 2 detections" in h for h in heads)
+    assert sorted(p.name for p in (tmp / "drawn").glob("*.png")) == sorted(Path(p).stem + ".png" for p in images)
+
+
 def test_detect_scoring_distinct_windows_once_changes_nothing(trained, monkeypatch):
     import detector
     from detector.images import load_image
