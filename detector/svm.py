@@ -273,7 +273,8 @@ def train_svms(
     Returns W [D, K] float32, b [K] float32 and one summary dict per class
     (class, positives, negatives_kept, objective and its parts, retrains,
     skipped).  A class without positives (or negatives) is skipped with a
-    warning; its column of W is 0 and its bias NEVER_FIRES.
+    warning; its column of W is 0 and its bias NEVER_FIRES. `format_summary(summary)` makes
+    the table the training prints.
     """
     cfg = cfg or SVMConfig()
     if num_classes < 1:
@@ -378,8 +379,6 @@ def train_svms(
         warnings.warn(f"liblinear did not converge within max_iter={cfg.max_iter} in {total} fit(s) "
                       f"for class(es): {which}; consider raising svm.max_iter",
                       ConvergenceWarning, stacklevel=2)
-    if progress:
-        print(format_summary(summary))
     return W, b, summary
 
 

@@ -93,14 +93,17 @@ def test_train_svms_script_stops_before_the_model_file(data, tmp_path, capsys, m
 
     run = tmp_path / "run"
     argv = ["--dataset", str(data), "--out", str(run), "--cache", str(tmp_path / "cache"), "--config", SMOKE,
-            "--quiet", "--set", "finetune.iterations=4", "finetune.checkpoint_every=2", "finetune.lr_steps=[2]"]
+            "--set", "finetune.iterations=4", "finetune.checkpoint_every=2", "finetune.lr_steps=[2]"]
     monkeypatch.setattr(sys, "argv", ["train_svms.py"] + argv)
     with pytest.raises(SystemExit) as done:
         runpy.run_path(str(ROOT / "tools" / "train_svms.py"), run_name="__main__")
     assert done.value.code == 0
     assert (run / "svm.npz").is_file() and (run / "bbox.npz").is_file()
     assert not (run / "model.safetensors").exists()
-    assert "config:" in capsys.readouterr().out  # the resolved config is printed
+    out = capsys.readouterr().out
+    assert "config:" in out  # the resolved config is printed
+    header = next(line for line in out.splitlines() if "positives" in line and "neg kept" in line)
+    assert out.count(header) == 1  # the per-class SVM summary, once
 
 
 def test_tool_scripts_print_one_error_line_for_bad_input(data, tmp_path):
