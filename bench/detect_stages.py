@@ -2,7 +2,7 @@
 """Where `model.detect()` spends its time: median per stage over test images.
 
 Warms up on the first --warmup images (sorted by id), then times `model.detect()` on the
-next --images and prints the median of each stage from `model.last_timings`: proposals
+next --images and prints the median of each stage from a `detector.timing.StageTimer`: proposals
 (selective search), resize, conv, projection + SPP, fc, SVM, box regression, NMS, total.
 Images are decoded before the timer starts (decoding is reported on its own line, outside
 `total`).  Ends with
@@ -23,8 +23,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402  (puts the repo root on sys.path)
 
-# (row label, key in model.last_timings)
-STAGES = [("proposals", "proposals"), ("resize", "features.resize"), ("conv", "features.conv"),
+# (row label, key in StageTimer.times)
+STAGES = [("proposals", "proposals"), ("resize", "resize"), ("conv", "conv"),
           ("projection + SPP", "spp"), ("fc", "fc"), ("SVM", "svm"), ("box regression", "bbox"), ("NMS", "nms")]
 TOTAL_TARGET_S = 1.5
 OVERHEAD_TARGET = 0.15
@@ -69,7 +69,8 @@ def main(argv=None) -> int:
     import detector
     from detector.config import apply_test_overrides
     from detector.images import load_image
-    from detector.pipeline import load_dataset
+    from detector.datasets import load_dataset
+    from detector.timing import StageTimer
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -94,11 +95,10 @@ def main(argv=None) -> int:
 
     props = {}
     if args.proposals == "cache":
-        from detector.proposal_cache import compute_proposals
+        from detector.proposals import compute_proposals
 
         p = model.cfg.proposals
-        props = compute_proposals(warm + timed, Path(args.cache) / "proposals", p, workers=p.workers,
-                                  progress=False)
+        props = compute_proposals(warm + timed, Path(args.cache) / "proposals", p, progress=False)
 
     print(f"model:     {args.model}")
     print(f"dataset:   {args.dataset} split {args.split}: warm-up on {len(warm)} images, timed on {len(timed)} "
@@ -112,15 +112,17 @@ def main(argv=None) -> int:
         t = time.perf_counter()
         img = load_image(rec.path)
         decode = time.perf_counter() - t
-        res = model.detect(img, proposals=props.get(rec.image_id), box_regression=not args.no_box_regression)
-        return decode, res, dict(model.last_timings), dict(model.last_counts)
+        timer = StageTimer()
+        res = model.detect(img, proposals=props.get(rec.image_id), box_regression=not args.no_box_regression,
+                           timer=timer)
+        return decode, res, dict(timer.times, total=timer.total), timer.counts
 
     for rec in warm:
         run(rec)
     rows, decodes, n_props, n_dets, distinct, skipped = [], [], [], [], [], []
     for rec in timed:
         decode, res, t, counts = run(rec)
-        if "total" not in t:  # detect() returned early: no proposals survived
+        if "spp" not in t:  # detect() returned early: no proposals survived
             skipped.append(rec.image_id)
             continue
         rows.append(t)
@@ -157,7 +159,7 @@ def main(argv=None) -> int:
           f"scored: median {100 * common.median(distinct):.1f}%; detections per image: median {common.median(n_dets):.0f}")
 
     props_t = np.array([t["proposals"] for t in rows])
-    conv_t = np.array([t.get("features.conv", 0.0) for t in rows])
+    conv_t = np.array([t.get("conv", 0.0) for t in rows])
     frac = (total - props_t - conv_t) / total
     ratio_of_medians = (med_total - np.median(props_t) - np.median(conv_t)) / med_total
     no_prop = total - props_t

@@ -141,8 +141,8 @@ def rcnn_features(model, image: np.ndarray, boxes: np.ndarray, batch: int = 16,
         from detector.spp import spp_length
 
         pooled = [torch.zeros((0, spp_length(bb.channels, levels)))]
-    pool5 = torch.cat(pooled) * model.pool5_scale
-    x = model.svm_features(pool5)
+    pool5 = torch.cat(pooled) * model.embedder.pool5_scale
+    x = model.embedder.embed(pool5).numpy()
     t["fc"] += time.perf_counter() - t0
     t["total"] = sum(t.values())
     return np.asarray(x, np.float32), t
@@ -152,14 +152,17 @@ def rcnn_features(model, image: np.ndarray, boxes: np.ndarray, batch: int = 16,
 
 @torch.inference_mode()
 def spp_features(model, extractor, image: np.ndarray, boxes: np.ndarray) -> tuple[np.ndarray, dict]:
+    from detector.timing import StageTimer
+
+    timer = StageTimer()
     t0 = time.perf_counter()
-    feats = extractor(image)
+    feats = extractor(image, timer=timer)
     t1 = time.perf_counter()
-    pool5 = model.pool5(feats, boxes)
+    pool5 = model.embedder.pool5(feats, boxes)
     t2 = time.perf_counter()
-    x = model.svm_features(pool5)
+    x = model.embedder.embed(pool5).numpy()
     t3 = time.perf_counter()
-    t = {"resize": extractor.last_timings["resize"], "conv": extractor.last_timings["conv"]}
+    t = {"resize": timer.times["resize"], "conv": timer.times["conv"]}
     t["features_other"] = (t1 - t0) - t["resize"] - t["conv"]
     t.update(spp=t2 - t1, fc=t3 - t2, total=t3 - t0)
     return np.asarray(x, np.float32), t
@@ -170,11 +173,12 @@ def spp_features(model, extractor, image: np.ndarray, boxes: np.ndarray) -> tupl
 def train_method_svms(model, rows: list, name: str) -> tuple[np.ndarray, np.ndarray, float]:
     """rows: per image (features, gt_labels, class_iou).  The library's SVM training with the model's
     config; the norm-20 scale is recomputed for these features."""
-    from detector.svm import SVMImage, estimate_feature_scale, format_summary, sample_feature_rows, train_svms
+    from detector.embedder import norm_scale
+    from detector.svm import SVMImage, format_summary, sample_feature_rows, train_svms
 
     cfg = model.cfg.svm
     sample = sample_feature_rows(lambda i: rows[i][0], len(rows), cfg.norm_images, cfg.norm_boxes, seed=model.cfg.seed)
-    scale = estimate_feature_scale(sample, cfg.target_norm)
+    scale = norm_scale(sample, cfg.target_norm, "SVM features")
     images = [SVMImage(x * scale, gl, ci) for x, gl, ci in rows]
     W, b, summary = train_svms(images, len(model.class_names), cfg, model.class_names, progress=False)
     print(f"SVMs, {name}: feature scale {scale:.4g}")
@@ -183,7 +187,7 @@ def train_method_svms(model, rows: list, name: str) -> tuple[np.ndarray, np.ndar
 
 
 def detections(model, boxes: np.ndarray, scores: np.ndarray, image_size: tuple[int, int]) -> dict:
-    """SPEC §7 with the model's test settings, without box regression."""
+    """The test-time post-processing with the model's settings, without box regression."""
     from detector.postprocess import finalize_detections, select_detections
 
     tc = model.cfg.test
@@ -225,9 +229,10 @@ def main(argv=None) -> int:
     from detector.features import FeatureExtractor
     from detector.images import load_image
     from detector.labeling import label_windows
-    from detector.pipeline import load_dataset
-    from detector.proposal_cache import compute_proposals
-    from detector.testing import check_classes, score
+    from detector.datasets import load_dataset
+    from detector.inference import score_detections
+    from detector.model import empty_result
+    from detector.proposals import compute_proposals
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -242,7 +247,6 @@ def main(argv=None) -> int:
                             model.cfg.features.device)
 
     test_ds = load_dataset(args.dataset, args.split, model.class_names)
-    check_classes(model, test_ds)
     test_recs = common.first_by_id(test_ds.records, args.test_images)
     print(f"model:    {args.model}  (backbone {model.backbone.name}, SVM layer {model.cfg.svm.layer}, "
           f"scales {ext1.scales}, device {ext1.device})")
@@ -260,7 +264,7 @@ def main(argv=None) -> int:
               f"({train_recs[0].image_id} .. {train_recs[-1].image_id}), GT + top {args.train_proposals} "
               f"proposals each")
         print()
-        props = compute_proposals(train_recs, cache, pcfg, workers=pcfg.workers, progress=False)
+        props = compute_proposals(train_recs, cache, pcfg, progress=False)
         rows = {"spp": [], "rcnn": []}
         t0 = time.perf_counter()
         for r in train_recs:
@@ -277,7 +281,7 @@ def main(argv=None) -> int:
         print()
 
     # ------------------------------------------------------------ test subset: features, timings, detections
-    props = compute_proposals(test_recs, cache, pcfg, workers=pcfg.workers, progress=False)
+    props = compute_proposals(test_recs, cache, pcfg, progress=False)
     if args.test_proposals:
         props = {k: v[: args.test_proposals] for k, v in props.items()}
     images = {r.image_id: load_image(r.path) for r in test_recs}
@@ -298,7 +302,7 @@ def main(argv=None) -> int:
         if len(boxes) == 0:
             print(f"note: {r.image_id} has no proposals; it gets no detections and no timings")
             for v in results.values():
-                v.append(model._empty())
+                v.append(empty_result())
             continue
         x, t = spp_features(model, ext1, img, boxes)
         times["spp1"].append(t)
@@ -339,7 +343,7 @@ def main(argv=None) -> int:
     if svms:
         sub = Dataset(f"{test_ds.name} first {len(test_recs)}", list(model.class_names), test_recs)
         for m in results:
-            maps[m] = score(sub, results[m])
+            maps[m] = score_detections(sub, results[m])
         rows.append([f"mAP, SVMs on the {args.train_images}-image subset (VOC07, no bbox reg)",
                      f"{maps['spp']['map']:.4f}", "-", f"{maps['rcnn']['map']:.4f}"])
         rows.append(["mAP, the full model's SVMs (reference)", f"{maps['full']['map']:.4f}", "-", "-"])

@@ -5,7 +5,7 @@ feature and SVM stages grow with the number of training images.
 1. The full run: `detector.pipeline.train` on the training split with --config and --set,
    into a fresh run directory and a fresh cache (proposals and conv maps), so nothing is
    reused.  Reports the seconds of every stage (RUN_DIR/stages.json; the SVM stage includes
-   the SVM feature pass, shown apart), peak RSS of the training process and of its worker
+   the pass that writes the SVM and regression rows, shown apart), peak RSS of the training process and of its worker
    processes (proposal workers), and the conv-feature cache size per image and scale
    (mirror-image maps, written for flip augmentation, counted apart).
 2. Scaling runs, one per --sizes entry (default 50,100,200,all): the same training on a
@@ -289,8 +289,11 @@ def main(argv=None) -> int:
         report_full(full, out)
     first = next((r for r in ([full] if full else []) + scaling if r and not r.get("rc")), None)
     if first is not None:
+        from detector.proposals.store import usable_cores
+
         s = stage_seconds(first, "proposals")
-        print(f"proposals (computed fresh by run '{first['name']}', {cfg.proposals.workers} worker processes): "
+        workers = cfg.proposals.workers or usable_cores()
+        print(f"proposals (computed fresh by run '{first['name']}', {workers} worker processes): "
               f"{s:.1f} s = {s / first['images']:.3f} s per image; later runs read them from the shared cache")
         print()
     if scaling:

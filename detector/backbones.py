@@ -35,11 +35,7 @@ import torch
 from torch import nn
 
 from .cache import file_digest
-from .errors import InputError
-
-
-class WeightsError(InputError, FileNotFoundError):
-    """Backbone weights are missing or do not fit; the message says how to supply them."""
+from .errors import ConfigError, WeightsError
 
 
 @dataclass
@@ -54,10 +50,6 @@ class Backbone:
     std: tuple
     bgr: bool  # the trunk expects BGR input (Caffe-trained nets)
     weights_id: str  # what the weights were: a file digest, or "random"
-
-    @property
-    def id(self) -> str:
-        return f"{self.name}:{self.weights_id}"
 
     def geometry(self) -> dict:
         return {"stride": self.stride, "offset": self.offset, "channels": self.channels,
@@ -198,7 +190,7 @@ def efficientnet_lite0(weights: Optional[str] = None, random_init: bool = False,
         weights_id = file_digest(weights)
     blocks = {"stride16": 5, "stride32": 7}
     if cut not in blocks:
-        raise ValueError(f"efficientnet_lite0: cut must be one of {sorted(blocks)}, got {cut!r}")
+        raise ConfigError(f"backbone.cut must be one of {sorted(blocks)}, got {cut!r}")
     trunk = nn.Sequential(model.conv_stem, model.bn1, *model.blocks[: blocks[cut]])
     trunk.eval()
     stride, offset = geometry_from_layers(trunk.modules())
@@ -340,21 +332,17 @@ BACKBONES = {
 }
 
 
-def build_backbone(cfg, trunk_state: Optional[dict] = None, weights_id: Optional[str] = None) -> Backbone:
-    """Build the backbone a `BackboneConfig` names.  With `trunk_state` (a saved model's
-    trunk), the architecture is built empty and those tensors are loaded into it."""
+def build_backbone(cfg, pretrained: bool = True) -> Backbone:
+    """Build the backbone a `BackboneConfig` names, with its weights.  pretrained=False
+    builds the architecture only (random init, no warning): a saved model's trunk is
+    loaded into it next."""
     if cfg.name not in BACKBONES:
-        raise ValueError(f"unknown backbone {cfg.name!r}; choose one of {', '.join(BACKBONES)}")
-    if trunk_state is None:
+        raise ConfigError(f"unknown backbone {cfg.name!r}; choose one of {', '.join(BACKBONES)}")
+    if pretrained:
         return BACKBONES[cfg.name](weights=cfg.weights, random_init=cfg.random_init, cut=cfg.cut,
-                                   download=getattr(cfg, "download", False))
+                                   download=cfg.download)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the random init is overwritten right away
+        warnings.simplefilter("ignore")  # the random init is overwritten by the caller
         bb = BACKBONES[cfg.name](random_init=True, cut=cfg.cut)
-    try:
-        bb.trunk.load_state_dict(trunk_state)
-    except RuntimeError as e:
-        raise WeightsError(f"backbone {cfg.name}: saved trunk does not fit ({e})") from e
-    bb.trunk.eval()
-    bb.weights_id = weights_id or "saved"
+    bb.weights_id = "saved"
     return bb

@@ -20,12 +20,13 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Mapping, Optional, Sequence
+from typing import Callable, Mapping, Optional, Sequence
 
 import numpy as np
 import scipy.linalg
 import torch
 from torchvision.ops import box_iou
+from tqdm.auto import tqdm
 
 # torchvision's bbox_xform_clip: never scale a box up by more than 1000/16 in decode.
 BBOX_XFORM_CLIP = math.log(1000.0 / 16)
@@ -206,6 +207,13 @@ class BoxRegressor:
         return {f"{prefix}weights": self.weights, f"{prefix}mu": self.mu, f"{prefix}T": self.T,
                 f"{prefix}T_inv": self.T_inv, f"{prefix}trained": self.trained}
 
+    @staticmethod
+    def expected_arrays(num_classes: int, feature_dim: int) -> dict[str, tuple]:
+        """(shape, torch dtype) of each array `to_arrays` writes, without the prefix."""
+        K, f64 = num_classes, torch.float64
+        return {"weights": ((K, feature_dim + 1, 4), torch.float32), "mu": ((K, 4), f64), "T": ((K, 4, 4), f64),
+                "T_inv": ((K, 4, 4), f64), "trained": ((K,), torch.bool)}
+
     @classmethod
     def from_arrays(cls, arrays: Mapping[str, np.ndarray], prefix: str = "bbox_") -> "BoxRegressor":
         missing = [n for n in ("weights", "mu", "T", "T_inv", "trained") if f"{prefix}{n}" not in arrays]
@@ -215,7 +223,8 @@ class BoxRegressor:
 
 
 def ridge_solve(A: np.ndarray, Y: np.ndarray, lam: float, bias: bool = False,
-                rows: Optional[np.ndarray] = None, chunk: int = 4096) -> np.ndarray:
+                rows: Optional[np.ndarray] = None, chunk: int = 4096,
+                on_rows: Callable[[int], object] = lambda n: None) -> np.ndarray:
     """argmin_B ||[A, 1] B - Y||^2 + lam ||B||^2 (the 1 column only if bias), float64.
 
     A [N, P] (may be float32; only the selected `rows` are used), Y [len(rows), Q].
@@ -223,7 +232,8 @@ def ridge_solve(A: np.ndarray, Y: np.ndarray, lam: float, bias: bool = False,
     neither a float64 copy of A nor the ones column is materialised (pool5 sets
     are large); else the equal dual form A^T (A A^T + lam I)^-1 Y, which is
     cheaper for 12,800-dim pool5 with few examples.  The bias is regularised
-    like every other weight, as in the original."""
+    like every other weight, as in the original.  `on_rows(n)` is told of each
+    chunk of rows done (a progress bar)."""
     if not lam > 0:
         raise ValueError(f"ridge_solve: lambda must be > 0, got {lam}")
     Y = np.asarray(Y, np.float64)
@@ -243,9 +253,11 @@ def ridge_solve(A: np.ndarray, Y: np.ndarray, lam: float, bias: bool = False,
             c = block(i, i + chunk)
             G += c.T @ c
             AtY += c.T @ Y[i:i + chunk]
+            on_rows(len(c))
         G[np.diag_indices(p)] += lam
         return scipy.linalg.solve(G, AtY, assume_a="pos")
     Af = block(0, n)
+    on_rows(n)
     G = Af @ Af.T
     G[np.diag_indices(n)] += lam
     return Af.T @ scipy.linalg.solve(G, Y, assume_a="pos")
@@ -270,6 +282,7 @@ def train_box_regressors(
     whiten: bool = True,
     min_examples: int = 5,
     class_names: Optional[Sequence[str]] = None,
+    progress: bool = False,
 ) -> BoxRegressor:
     """One ridge regressor per class (see the module docstring).
 
@@ -301,6 +314,7 @@ def train_box_regressors(
     T = np.tile(np.eye(4), (num_classes, 1, 1))
     T_inv = T.copy()
     trained = np.zeros(num_classes, bool)
+    bar = tqdm(total=n, desc="box regression", unit="row", disable=not progress)
     for k in range(num_classes):
         rows = np.flatnonzero(labels == k)
         nk = len(rows)
@@ -315,6 +329,7 @@ def train_box_regressors(
         elif whiten:
             warnings.warn(f"box regression: class '{names[k]}' (index {k}) has only {nk} example(s) "
                           f"(< {min_examples}); trained without target whitening", UserWarning, stacklevel=2)
-        weights[k] = ridge_solve(x, Y, lam, bias=True, rows=rows)
+        weights[k] = ridge_solve(x, Y, lam, bias=True, rows=rows, on_rows=bar.update)
         trained[k] = True
+    bar.close()
     return BoxRegressor(weights, mu, T, T_inv, trained)

@@ -1,9 +1,13 @@
 """One typed default config, YAML files on top of it, and `--set key=value` overrides.
 
 Unknown keys are rejected (in YAML files and overrides alike), values are
-checked against the field's type, and `to_dict()` gives what every run prints
-and saves.  Defaults are *our* measured choices; `configs/zf5_paper.yaml`
-holds the original system's settings (SPEC.md).
+checked against the field's type, every cross-field rule lives in `validate()`,
+and `to_dict()` gives what every run prints and saves.  A YAML file may start
+from another with `_base_: other.yaml` (a path relative to the file; bases may
+have bases): mappings merge key by key, anything else is replaced.
+
+Defaults are *our* measured choices (docs/design.md says why);
+`configs/zf5_paper.yaml` holds the original system's settings.
 """
 from __future__ import annotations
 
@@ -15,11 +19,7 @@ from typing import Any, Optional
 
 import yaml
 
-from .errors import InputError
-
-
-class ConfigError(InputError, ValueError):
-    pass
+from .errors import ConfigError
 
 
 @dataclass
@@ -33,26 +33,24 @@ class BackboneConfig:
 
 @dataclass
 class FeatureConfig:
-    scales: list = field(default_factory=lambda: [688])  # shorter side, px; SPEC: [688] or 5 scales
+    scales: list = field(default_factory=lambda: [688])  # shorter side, px; the paper: [688] or 5 scales
     max_size: int = 2000  # cap on the longer side after resizing (the original has none)
     scale_rule: str = "paper"  # paper: window area nearest 224^2 | code: round(208*min(H,W)/sqrt(area))
     cache_dtype: str = "float16"
-    device: str = "auto"  # auto | cpu | cuda
-    batch_images: int = 1
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
 
 
 @dataclass
 class ProposalConfig:
-    method: str = "selective_search"
     mode: str = "fast"  # fast | quality | single
     resize: int = 500  # longer side (px) selective search runs at; boxes are mapped back
     min_size: int = 8  # drop boxes thinner than this (original pixels)
     top_k: int = 2000
-    base_k: int = 50  # graph-segmentation k (OpenCV: 150); measured on BCCD, see detector/proposals.py
+    base_k: int = 50  # graph-segmentation k (OpenCV: 150); measured on BCCD, see BENCHMARKS.md
     inc_k: int = 50
     sigma: float = 0.8
     seed: int = 0  # fixes the order of boxes (and so which survive top_k)
-    workers: int = 2
+    workers: int = 0  # processes for selective search; 0: every core this process may use
 
 
 @dataclass
@@ -81,7 +79,7 @@ class FinetuneConfig:
 
 @dataclass
 class SVMConfig:
-    layer: str = "fc7"  # fc7 (fine-tuned) | pool5
+    layer: str = "fc7"  # fc7 | fc6 (fine-tuned) | pool5
     C: float = 0.001
     pos_weight: float = 2.0
     intercept_scaling: float = 10.0
@@ -199,20 +197,42 @@ def parse_override(item: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
+def _merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def read_config_file(path: str | Path, _seen: tuple = ()) -> dict:
+    """A YAML config as a plain mapping, with its `_base_` chain merged in."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}" + (f" (the _base_ of {_seen[-1]})" if _seen else ""))
+    if p.resolve() in _seen:
+        raise ConfigError(f"{p}: _base_ chain loops back to itself ({' -> '.join(str(s) for s in _seen)})")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: invalid YAML ({e})") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: expected a mapping of config keys, got {type(data).__name__}")
+    base = data.pop("_base_", None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise ConfigError(f"{p}: _base_ must be one file name (relative to {p.parent}), got {base!r}")
+    return _merge(read_config_file(p.parent / base, _seen + (p.resolve(),)), data)
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     cfg = Config()
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: invalid YAML ({e})") from e
+        data = read_config_file(path)
         try:
             _apply(cfg, data)
         except ConfigError as e:
-            raise ConfigError(f"{p}: {e}") from e
+            raise ConfigError(f"{path}: {e}") from e
     for item in overrides or []:
         k, v = parse_override(item)
         set_value(cfg, k, v)
@@ -223,31 +243,62 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 def config_from_dict(data: dict) -> Config:
     cfg = Config()
     _apply(cfg, data)
+    validate(cfg)
     return cfg
 
 
+BACKBONE_NAMES = ("efficientnet_lite0", "zf5", "alexnet", "vgg16", "resnet50")  # detector.backbones.BACKBONES
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def _ints(values, minimum: int) -> bool:
+    return bool(values) and all(isinstance(v, int) and not isinstance(v, bool) and v >= minimum for v in values)
+
+
 def validate(cfg: Config) -> None:
-    f = cfg.features
-    if not f.scales or any((not isinstance(s, int)) or s < 32 for s in f.scales):
-        raise ConfigError(f"features.scales must be a non-empty list of integers >= 32, got {f.scales}")
-    if f.scale_rule not in ("paper", "code"):
-        raise ConfigError(f"features.scale_rule must be 'paper' or 'code', got {f.scale_rule!r}")
-    if f.max_size < max(f.scales):
-        raise ConfigError(f"features.max_size ({f.max_size}) is below the largest scale ({max(f.scales)})")
-    if cfg.proposals.mode not in ("fast", "quality", "single"):
-        raise ConfigError(f"proposals.mode must be fast, quality or single, got {cfg.proposals.mode!r}")
-    if not cfg.spp.levels or any((not isinstance(n, int)) or n < 1 for n in cfg.spp.levels):
-        raise ConfigError(f"spp.levels must be positive integers, got {cfg.spp.levels}")
-    if cfg.spp.projection not in ("code", "paper"):
-        raise ConfigError(f"spp.projection must be 'code' or 'paper', got {cfg.spp.projection!r}")
-    if cfg.svm.layer not in ("fc7", "pool5"):
-        raise ConfigError(f"svm.layer must be fc7 or pool5, got {cfg.svm.layer!r}")
-    if not 0 < cfg.finetune.fg_fraction <= 1:
-        raise ConfigError("finetune.fg_fraction must be in (0, 1]")
-    if not 0 < cfg.test.nms_iou <= 1:
-        raise ConfigError(f"test.nms_iou must be in (0, 1], got {cfg.test.nms_iou}")
-    if cfg.test.max_per_image < 1:
-        raise ConfigError(f"test.max_per_image must be >= 1, got {cfg.test.max_per_image}")
+    """Every rule that involves a value's range or several keys; raises ConfigError."""
+    b, f, p, ft, s, bb, t = cfg.backbone, cfg.features, cfg.proposals, cfg.finetune, cfg.svm, cfg.bbox, cfg.test
+    _check(b.name in BACKBONE_NAMES, f"backbone.name must be one of {', '.join(BACKBONE_NAMES)}, got {b.name!r}")
+    _check(b.cut in ("stride16", "stride32"), f"backbone.cut must be stride16 or stride32, got {b.cut!r}")
+    _check(_ints(f.scales, 32), f"features.scales must be a non-empty list of integers >= 32, got {f.scales}")
+    _check(f.scale_rule in ("paper", "code"), f"features.scale_rule must be 'paper' or 'code', got {f.scale_rule!r}")
+    _check(f.max_size >= max(f.scales), f"features.max_size ({f.max_size}) is below the largest scale ({max(f.scales)})")
+    _check(f.cache_dtype in ("float16", "float32"), f"features.cache_dtype must be float16 or float32, "
+                                                    f"got {f.cache_dtype!r}")
+    _check(f.device in ("auto", "cpu", "cuda") or f.device.startswith("cuda:"),
+           f"features.device must be auto, cpu, cuda or cuda:N, got {f.device!r}")
+    _check(p.mode in ("fast", "quality", "single"), f"proposals.mode must be fast, quality or single, got {p.mode!r}")
+    _check(p.workers >= 0, f"proposals.workers must be >= 0 (0: every usable core), got {p.workers}")
+    _check(p.top_k >= 0 and p.resize >= 0 and p.min_size >= 0 and p.base_k > 0 and p.inc_k >= 0 and p.sigma >= 0,
+           "proposals: top_k, resize, min_size, inc_k and sigma must be >= 0 and base_k > 0")
+    _check(_ints(cfg.spp.levels, 1), f"spp.levels must be positive integers, got {cfg.spp.levels}")
+    _check(cfg.spp.projection in ("code", "paper"), f"spp.projection must be 'code' or 'paper', "
+                                                    f"got {cfg.spp.projection!r}")
+    _check(len(ft.fc_dims) == 2 and _ints(ft.fc_dims, 1), f"finetune.fc_dims must list two sizes (fc6, fc7), "
+                                                           f"got {ft.fc_dims}")
+    _check(0 <= ft.dropout < 1, f"finetune.dropout must be in [0, 1), got {ft.dropout}")
+    _check(ft.iterations >= 0 and ft.batch_size >= 2 and ft.checkpoint_every >= 1 and ft.lr > 0,
+           "finetune: iterations >= 0, batch_size >= 2, checkpoint_every >= 1 and lr > 0 are needed")
+    _check(0 < ft.fg_fraction <= 1, f"finetune.fg_fraction must be in (0, 1], got {ft.fg_fraction}")
+    _check(0 <= ft.bg_iou_lo < ft.fg_iou <= 1, f"finetune: need 0 <= bg_iou_lo < fg_iou <= 1, got "
+                                               f"{ft.bg_iou_lo} and {ft.fg_iou}")
+    _check(all(isinstance(v, int) for v in ft.lr_steps), f"finetune.lr_steps must be integers, got {ft.lr_steps}")
+    _check(s.layer in ("fc7", "fc6", "pool5"), f"svm.layer must be fc7, fc6 or pool5, got {s.layer!r}")
+    _check(ft.enabled or s.layer == "pool5", "finetune.enabled=false needs svm.layer=pool5 "
+                                             "(without fine-tuning there are no fc layers to read)")
+    _check(s.C > 0 and s.target_norm > 0 and s.norm_images >= 1 and s.norm_boxes >= 1 and s.max_iter >= 1,
+           "svm: C, target_norm, norm_images, norm_boxes and max_iter must be positive")
+    _check(0 < bb.iou_thresh < 1 and bb.lam > 0, f"bbox: need 0 < iou_thresh < 1 and lam > 0, "
+                                                 f"got {bb.iou_thresh} and {bb.lam}")
+    _check(0 < t.nms_iou <= 1, f"test.nms_iou must be in (0, 1], got {t.nms_iou}")
+    _check(t.max_per_image >= 1, f"test.max_per_image must be >= 1, got {t.max_per_image}")
+    if cfg.classes is not None:
+        _check(all(isinstance(c, str) and c for c in cfg.classes) and len(set(cfg.classes)) == len(cfg.classes),
+               f"classes must be distinct non-empty names, got {cfg.classes}")
 
 
 def apply_test_overrides(cfg: Config, items: list[str] | None) -> None:

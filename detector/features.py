@@ -15,7 +15,6 @@ image therefore never reads a stale file, and a rerun skips finished work.
 from __future__ import annotations
 
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -27,8 +26,10 @@ import torch.nn.functional as F
 
 from .backbones import Backbone
 from .cache import atomic_save_npz, atomic_write_json, file_digest, load_npz, params_digest
+from .errors import DeviceError, InputError
 from .images import load_image
 from .projection import resize_factor, resized_size
+from .timing import NO_TIMER, StageTimer
 
 PREPROCESS_VERSION = 1  # bump when resizing / normalisation / padding change
 MIN_INPUT = 64  # every trunk here accepts a 64x64 input; smaller resized images are padded up to it
@@ -38,7 +39,8 @@ def resolve_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"device {name!r} requested but CUDA is not available")
+        raise DeviceError(f"device {name!r} was asked for, but CUDA is not available here (torch "
+                          f"{torch.__version__}, cuda={torch.version.cuda}); use --set features.device=cpu or auto")
     return torch.device(name)
 
 
@@ -65,7 +67,6 @@ class FeatureExtractor:
         self.max_size = int(max_size)
         self.device = resolve_device(device)
         self.backbone.trunk.to(self.device).eval()
-        self.last_timings: dict[str, float] = {}
 
     def factors(self, width: int, height: int) -> list[float]:
         return [resize_factor(width, height, s, self.max_size) for s in self.scales]
@@ -84,25 +85,23 @@ class FeatureExtractor:
         return x
 
     @torch.inference_mode()
-    def __call__(self, image, flip: bool = False) -> list[ScaleFeatures]:
-        """Features of the image (or of its mirror image, for flip augmentation) at every scale."""
+    def __call__(self, image, flip: bool = False, timer: StageTimer = NO_TIMER) -> list[ScaleFeatures]:
+        """Features of the image (or of its mirror image, for flip augmentation) at every scale.
+        `timer` (optional) gets the "resize" and "conv" laps."""
         img = load_image(image)
         if flip:
             img = np.ascontiguousarray(img[:, ::-1])
         H, W = img.shape[:2]
         out = []
-        t_prep = t_conv = 0.0
         for scale, f in zip(self.scales, self.factors(W, H)):
-            t0 = time.perf_counter()
+            timer.start()
             x = self.prepare(img, f).to(self.device)
-            t1 = time.perf_counter()
+            timer.lap("resize")
             fmap = self.backbone.trunk(x[None])[0]
-            if fmap.is_cuda:
-                torch.cuda.synchronize()
-            t_conv += time.perf_counter() - t1
-            t_prep += t1 - t0
+            if fmap.is_cuda and timer is not NO_TIMER:
+                torch.cuda.synchronize()  # only to time it
+            timer.lap("conv")
             out.append(ScaleFeatures(scale, f, fmap, (W, H)))
-        self.last_timings = {"resize": t_prep, "conv": t_conv}
         return out
 
     def cache_params(self) -> dict:
@@ -177,9 +176,9 @@ def parse_shard(text: str) -> tuple[int, int]:
     try:
         i, n = (int(v) for v in text.split("/"))
     except ValueError:
-        raise ValueError(f"--shard must look like i/N (e.g. 0/4), got {text!r}") from None
+        raise InputError(f"--shard must look like i/N (e.g. 0/4), got {text!r}") from None
     if n < 1 or not 0 <= i < n:
-        raise ValueError(f"--shard {text}: need 0 <= i < N")
+        raise InputError(f"--shard {text}: need 0 <= i < N")
     return i, n
 
 

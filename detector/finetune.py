@@ -1,4 +1,4 @@
-"""Fine-tuning the fc layers on SPP vectors pooled from cached conv maps (SPEC §4).
+"""Fine-tuning the fc layers on SPP vectors pooled from cached conv maps (paper section 4.1).
 
 The conv layers stay frozen, so every batch is pooled straight from the
 feature cache: 128 windows, 25% foreground (IoU >= 0.5 with a GT, labelled
@@ -27,13 +27,13 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .backbones import Backbone
 from .cache import atomic_write_bytes
-from .config import Config
+from .config import FinetuneConfig
+from .embedder import WindowEmbedder, norm_scale
+from .errors import DatasetError
 from .features import ScaleFeatures
 from .heads import FCHead
 from .labeling import Windows
-from .pooling import pool_boxes
 
 log = logging.getLogger(__name__)
 
@@ -79,10 +79,9 @@ def window_labels(images: Sequence[TrainImage], pairs: np.ndarray, fg_iou: float
     return out
 
 
-def pool_pairs(images: Sequence[TrainImage], pairs: np.ndarray, flips: np.ndarray, scale_idx: Optional[np.ndarray],
-               get_features: FeatureGetter, backbone: Backbone, levels: Sequence[int],
-               projection: str = "code") -> torch.Tensor:
-    """SPP vectors for (image, row) pairs, grouped so each conv map is read once."""
+def pool_pairs(embedder: WindowEmbedder, images: Sequence[TrainImage], pairs: np.ndarray, flips: np.ndarray,
+               scale_idx: Optional[np.ndarray], get_features: FeatureGetter) -> torch.Tensor:
+    """Scaled pool5 of (image, row) pairs, grouped so each conv map is read once."""
     out = None
     keys = pairs[:, 0] * 2 + flips.astype(np.int64)
     for key in np.unique(keys):
@@ -92,29 +91,26 @@ def pool_pairs(images: Sequence[TrainImage], pairs: np.ndarray, flips: np.ndarra
         boxes = im.windows.boxes[pairs[sel, 1]]
         if flip:
             boxes = mirror_boxes(boxes, im.width)
-        v = pool_boxes(get_features(i, flip), boxes, backbone, levels,
-                       scale_index=None if scale_idx is None else scale_idx[sel], projection=projection,
-                       name=f"windows of {im.path}")
+        v = embedder.pool5(get_features(i, flip), boxes, None if scale_idx is None else scale_idx[sel],
+                           name=f"windows of {im.path}")
         if out is None:
             out = torch.empty((len(pairs), v.shape[1]), dtype=torch.float32)
         out[torch.from_numpy(sel)] = v
     return out
 
 
-def estimate_pool5_scale(images: Sequence[TrainImage], get_features: FeatureGetter, backbone: Backbone,
-                         levels: Sequence[int], target: float = 20.0, samples: int = 2000, seed: int = 0,
-                         projection: str = "code") -> float:
-    """Constant that brings pool5 vectors to mean L2 norm `target` (SPEC §5-6's norm-20 rescaling)."""
+def estimate_pool5_scale(embedder: WindowEmbedder, images: Sequence[TrainImage], get_features: FeatureGetter,
+                         target: float = 20.0, samples: int = 2000, seed: int = 0) -> float:
+    """The constant that brings pool5 vectors to mean L2 norm `target` (R-CNN's norm-20
+    rescaling), from `samples` windows drawn with a fixed seed over all training images."""
     rng = np.random.default_rng(seed)
     pairs = np.concatenate([np.stack([np.full(len(im.windows.boxes), i), np.arange(len(im.windows.boxes))], 1)
                             for i, im in enumerate(images)])
     pick = pairs[rng.choice(len(pairs), size=min(samples, len(pairs)), replace=False)]
     pick = pick[np.lexsort((pick[:, 1], pick[:, 0]))]
-    v = pool_pairs(images, pick, np.zeros(len(pick), bool), None, get_features, backbone, levels, projection)
-    mean_norm = float(v.norm(dim=1).mean())
-    if not np.isfinite(mean_norm) or mean_norm <= 0:
-        raise ValueError("pool5 features are all zero: check the backbone weights")
-    return target / mean_norm
+    unscaled = WindowEmbedder(embedder.backbone, embedder.levels, embedder.scale_rule, embedder.projection)
+    v = pool_pairs(unscaled, images, pick, np.zeros(len(pick), bool), None, get_features)
+    return norm_scale(v, target, "pool5 features")
 
 
 def _save_checkpoint(path: Path, head: FCHead, opt: torch.optim.Optimizer, it: int, rng: np.random.Generator) -> None:
@@ -124,22 +120,24 @@ def _save_checkpoint(path: Path, head: FCHead, opt: torch.optim.Optimizer, it: i
     atomic_write_bytes(path, buf.getvalue())
 
 
-def finetune(images: Sequence[TrainImage], get_features: FeatureGetter, backbone: Backbone, head: FCHead,
-             pool5_scale: float, cfg: Config, checkpoint: Optional[Path] = None, progress: bool = True) -> dict:
-    """Train `head` in place; returns a summary (iterations, final loss and accuracy)."""
-    fc = cfg.finetune
-    levels = cfg.spp.levels
-    rng = np.random.default_rng(cfg.seed)
-    torch.manual_seed(cfg.seed)
+def finetune(embedder: WindowEmbedder, images: Sequence[TrainImage], get_features: FeatureGetter,
+             fc: FinetuneConfig, n_scales: int, seed: int = 0, checkpoint: Optional[Path] = None,
+             progress: bool = True) -> dict:
+    """Train `embedder.head` in place on scaled pool5 of the training windows; returns a
+    summary (iterations, final loss and accuracy)."""
+    head = embedder.head
+    rng = np.random.default_rng(seed)
+    torch.manual_seed(seed)
     fg, bg = sample_pools(images, fc.fg_iou, fc.bg_iou_lo)
     if len(fg) == 0:
-        raise ValueError("fine-tuning: no foreground windows (IoU >= %.2f) in the training set" % fc.fg_iou)
+        raise DatasetError("fine-tuning: no foreground windows (IoU >= %.2f with a ground-truth box) in the "
+                           "training set; check the annotations" % fc.fg_iou)
     if len(bg) == 0:
         log.warning("fine-tuning: no windows with IoU in [%.2f, %.2f); using all windows below %.2f as background",
                     fc.bg_iou_lo, fc.fg_iou, fc.fg_iou)
         fg, bg = sample_pools(images, fc.fg_iou, 0.0)
         if len(bg) == 0:
-            raise ValueError("fine-tuning: no background windows at all; are proposals missing?")
+            raise DatasetError("fine-tuning: no background windows at all; are the proposals missing?")
     fg_labels = window_labels(images, fg, fc.fg_iou)
     opt = torch.optim.SGD(head.parameters(), lr=fc.lr, momentum=fc.momentum, weight_decay=fc.weight_decay)
     start = 0
@@ -153,7 +151,6 @@ def finetune(images: Sequence[TrainImage], get_features: FeatureGetter, backbone
         log.info("fine-tuning: resuming from iteration %d (%s)", start, checkpoint)
     n_fg = max(1, int(round(fc.batch_size * fc.fg_fraction)))
     n_bg = fc.batch_size - n_fg
-    n_scales = len(cfg.features.scales)
     head.train()
     losses, accs = [], []
     bar = tqdm(range(start, fc.iterations), desc="fine-tune fc", unit="it", disable=not progress,
@@ -168,8 +165,7 @@ def finetune(images: Sequence[TrainImage], get_features: FeatureGetter, backbone
         labels = torch.from_numpy(np.concatenate([fg_labels[fi], np.zeros(n_bg, np.int64)]))
         flips = rng.random(len(pairs)) < 0.5 if fc.flip else np.zeros(len(pairs), bool)
         scales = rng.integers(0, n_scales, len(pairs)) if n_scales > 1 else None
-        x = pool_pairs(images, pairs, flips, scales, get_features, backbone, levels, cfg.spp.projection) * pool5_scale
-        logits = head(x)
+        logits = head(pool_pairs(embedder, images, pairs, flips, scales, get_features))
         loss = F.cross_entropy(logits, labels)
         opt.zero_grad()
         loss.backward()

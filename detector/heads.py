@@ -1,11 +1,12 @@
-"""Fully connected layers on top of the SPP vector (SPEC §4).
+"""Fully connected layers on top of the SPP vector (paper section 4.1).
 
 fc6 -> ReLU -> dropout -> fc7 -> ReLU -> dropout -> fc8 (K+1 classes, softmax;
 class 0 is background).  The original fine-tunes fc6/fc7 that were
 pre-trained with ZF-5 on ImageNet; a backbone cut from a classification
 network (EfficientNet-Lite0) has no fc layers that read SPP vectors, so fc6
 and fc7 start from a seeded Kaiming init here and fc8 from N(0, 0.01) as in
-SPEC.  `embed()` gives the features the SVMs read: fc7 (or fc6) after ReLU.
+the original.  `embed()` gives the features the SVMs read: fc7 (or fc6) after
+ReLU.
 """
 from __future__ import annotations
 
@@ -18,8 +19,6 @@ from torch import nn
 class FCHead(nn.Module):
     def __init__(self, in_dim: int, fc_dims: Sequence[int], num_classes: int, dropout: float = 0.5):
         super().__init__()
-        if len(fc_dims) != 2:
-            raise ValueError(f"finetune.fc_dims must list two sizes (fc6, fc7), got {list(fc_dims)}")
         self.in_dim, self.fc_dims, self.num_classes = int(in_dim), [int(d) for d in fc_dims], int(num_classes)
         self.fc6 = nn.Linear(in_dim, fc_dims[0])
         self.fc7 = nn.Linear(fc_dims[0], fc_dims[1])
@@ -38,12 +37,6 @@ class FCHead(nn.Module):
 
     @torch.inference_mode()
     def embed(self, x: torch.Tensor, layer: str = "fc7") -> torch.Tensor:
-        """Features after ReLU at `layer` (eval mode: no dropout)."""
-        if layer == "pool5":
-            return x
+        """Features after ReLU at `layer`, fc6 or fc7 (eval mode: no dropout)."""
         h = torch.relu_(self.fc6(x))  # in place: no second [N, 1024] buffer
-        if layer == "fc6":
-            return h
-        if layer == "fc7":
-            return torch.relu_(self.fc7(h))
-        raise ValueError(f"layer must be pool5, fc6 or fc7, got {layer!r}")
+        return h if layer == "fc6" else torch.relu_(self.fc7(h))

@@ -13,11 +13,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from .errors import InputError
-
-
-class ImageError(InputError, ValueError):
-    """An image could not be read or converted; the message names the file."""
+from .errors import ImageError  # noqa: F401  (re-exported: detector.images.ImageError)
 
 
 def _to_uint8_rgb(arr: np.ndarray, name: str) -> np.ndarray:

@@ -1,7 +1,9 @@
 """Image boxes -> SPP vectors: choose each box's scale, project it, pool it.
 
-This joins `projection` (SPEC §2) and `spp` (SPEC §3) for one image whose
-conv features are already computed at one or more scales.
+This joins `projection` (paper appendix A, section 4.1) and `spp` (section
+2.2) for one image whose conv features are already computed at one or more
+scales.  `detector.embedder.WindowEmbedder` is the interface the rest of the
+library uses; these are its two steps.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ def project_to_windows(scale_feats: Sequence[ScaleFeatures], boxes: np.ndarray, 
     """[N, 5] int64: each box's scale index and its inclusive feature-cell window x1 y1 x2 y2.
 
     `scale_index` forces the scale of each box (fine-tuning draws it at
-    random); by default it follows `scale_rule` (SPEC §2).
+    random); by default it follows `scale_rule` (paper section 4.1).
     """
     W, H = scale_feats[0].image_size
     b = check_boxes(boxes, W, H, name)
@@ -54,29 +56,3 @@ def pool_windows(scale_feats: Sequence[ScaleFeatures], windows: np.ndarray,
             pooled = spatial_pyramid_pool(sf.features, torch.from_numpy(windows[sel, 1:]), levels)
             out[torch.from_numpy(sel)] = pooled.float().cpu()
     return out
-
-
-def pool_boxes(scale_feats: Sequence[ScaleFeatures], boxes: np.ndarray, backbone: Backbone,
-               levels: Sequence[int] = DEFAULT_LEVELS, scale_rule: str = "paper",
-               scale_index: Optional[np.ndarray] = None, projection: str = "code",
-               name: str = "boxes") -> torch.Tensor:
-    """SPP vectors [N, C * sum(n*n)] (float32, CPU) for boxes in original-image pixels."""
-    windows = project_to_windows(scale_feats, boxes, backbone, scale_rule, scale_index, projection, name)
-    return pool_windows(scale_feats, windows, levels)
-
-
-def pool_unique_boxes(scale_feats: Sequence[ScaleFeatures], boxes: np.ndarray, backbone: Backbone,
-                      levels: Sequence[int] = DEFAULT_LEVELS, scale_rule: str = "paper",
-                      projection: str = "code", name: str = "boxes") -> tuple[torch.Tensor, np.ndarray]:
-    """(SPP vectors [U, D] of the distinct windows, inverse [N]): row i of pool_boxes is row
-    inverse[i] of the first.
-
-    Boxes a few pixels apart often project onto the same cells at the same scale, so they
-    have the same SPP vector and the same fc features; detect() pools and scores each such
-    window once (BCCD at 688, stride 16: ~18% of selective search's boxes are repeats).
-    """
-    windows = project_to_windows(scale_feats, boxes, backbone, scale_rule, None, projection, name)
-    if len(windows) == 0:
-        return pool_windows(scale_feats, windows, levels), np.zeros(0, np.int64)
-    distinct, inverse = np.unique(windows, axis=0, return_inverse=True)
-    return pool_windows(scale_feats, distinct, levels), inverse.reshape(-1).astype(np.int64)

@@ -1,7 +1,7 @@
-"""Per-class linear SVMs with hard-negative mining (SPEC §5, R-CNN's `rcnn_train.m`).
+"""Per-class linear SVMs with hard-negative mining (paper section 4.1, R-CNN's `rcnn_train.m`).
 
 Inputs are feature matrices, one `SVMImage` per training image; feature
-extraction and the norm-20 rescaling (`estimate_feature_scale`) happen before.
+extraction and the norm-20 rescaling (`detector.embedder.norm_scale`) happen before.
 
 Mining follows the original exactly, for all classes in the same pass:
 
@@ -58,33 +58,20 @@ class SVMImage:
 
     features: [M, D] float32, already rescaled to the target mean norm.
     gt_labels: [M] int, the class of ground-truth rows, -1 for proposal rows.
-    max_iou: [M, K] float, each row's max IoU with the image's GT boxes of each
+    class_iou: [M, K] float, each row's max IoU with the image's GT boxes of each
         class (0 where the image has none of that class; 1 at k for a GT row of k).
     """
 
     features: np.ndarray
     gt_labels: np.ndarray
-    max_iou: np.ndarray
+    class_iou: np.ndarray
 
 
 Images = Union[Sequence[SVMImage], Callable[[], Iterable[SVMImage]]]
 
 
 # ----------------------------------------------------------------------------
-# feature-norm rescaling
-
-
-def estimate_feature_scale(sample_features: np.ndarray, target_norm: float = 20.0) -> float:
-    """The scale s such that the mean L2 norm of s * x over the sample is target_norm."""
-    x = np.asarray(sample_features, dtype=np.float64)
-    if x.ndim != 2 or x.shape[0] == 0:
-        raise ValueError(f"estimate_feature_scale: expected a non-empty [N, D] sample, got shape {x.shape}")
-    if not np.all(np.isfinite(x)):
-        raise ValueError("estimate_feature_scale: the feature sample contains NaN or inf")
-    mean_norm = float(np.linalg.norm(x, axis=1).mean())
-    if mean_norm <= 0:
-        raise ValueError("estimate_feature_scale: all sampled features are zero; cannot rescale")
-    return float(target_norm) / mean_norm
+# the norm sample
 
 
 def sample_feature_rows(
@@ -232,7 +219,7 @@ def _iterate(images: Images) -> Iterator[SVMImage]:
 def _check_image(img: SVMImage, idx: int, num_classes: int, dim: Optional[int]) -> None:
     if not isinstance(img, SVMImage):
         raise TypeError(f"training image {idx}: expected an SVMImage, got {type(img).__name__}")
-    f, g, o = img.features, img.gt_labels, img.max_iou
+    f, g, o = img.features, img.gt_labels, img.class_iou
     if f.ndim != 2:
         raise ValueError(f"training image {idx}: features must be [M, D], got shape {f.shape}")
     m = f.shape[0]
@@ -241,19 +228,19 @@ def _check_image(img: SVMImage, idx: int, num_classes: int, dim: Optional[int]) 
     if g.shape != (m,):
         raise ValueError(f"training image {idx}: gt_labels has shape {g.shape}, expected ({m},)")
     if o.shape != (m, num_classes):
-        raise ValueError(f"training image {idx}: max_iou has shape {o.shape}, expected ({m}, {num_classes})")
+        raise ValueError(f"training image {idx}: class_iou has shape {o.shape}, expected ({m}, {num_classes})")
     if m and (g.min() < -1 or g.max() >= num_classes):
         raise ValueError(f"training image {idx}: gt_labels must be -1 or in [0, {num_classes}), "
                          f"got values in [{g.min()}, {g.max()}]")
     if not np.all(np.isfinite(f)):
         raise ValueError(f"training image {idx}: features contain NaN or inf")
     if m and not np.all(np.isfinite(o)):
-        raise ValueError(f"training image {idx}: max_iou contains NaN or inf")
+        raise ValueError(f"training image {idx}: class_iou contains NaN or inf")
 
 
 def _as_image(img: SVMImage) -> SVMImage:
     return SVMImage(np.asarray(img.features, np.float32), np.asarray(img.gt_labels).astype(np.int64, copy=False),
-                    np.asarray(img.max_iou, np.float64))
+                    np.asarray(img.class_iou, np.float64))
 
 
 def train_svms(
@@ -341,7 +328,7 @@ def train_svms(
             img = _as_image(img)
             z = img.features @ W + b  # scores under the current models, before this image's retrains
             for k in np.flatnonzero(active):
-                neg = (img.max_iou[:, k] < cfg.neg_iou) & (img.gt_labels != k)
+                neg = (img.class_iou[:, k] < cfg.neg_iou) & (img.gt_labels != k)
                 if trained[k]:
                     neg &= z[:, k] > cfg.hard_thresh
                 rows = np.flatnonzero(neg)

@@ -9,8 +9,8 @@ from PIL import Image
 
 from detector.backbones import efficientnet_lite0, zf5
 from detector.features import FeatureCache, FeatureExtractor, extract_all, list_images, parse_shard
+from detector.errors import InputError
 from detector.images import ImageError, load_image
-from detector.pooling import pool_boxes, pool_unique_boxes
 from detector.projection import project_boxes
 from detector.spp import spatial_pyramid_pool
 
@@ -132,43 +132,8 @@ def test_extract_all_shards_skips_bad_images_and_resumes(tmp_path, backbone):
     assert len(s0["failed"]) + len(s1["failed"]) == 1 and "zz_bad.png" in (s0["failed"] + s1["failed"])[0][0]
     again = extract_all(paths, cache, (0, 1), progress=False)
     assert again["computed"] == 0 and again["cached"] == 4
-    with pytest.raises(ValueError, match="i/N"):
+    assert parse_shard("1/2") == (1, 2)
+    with pytest.raises(InputError, match="i/N"):
         parse_shard("3")
-    with pytest.raises(ValueError):
+    with pytest.raises(InputError, match="0 <= i < N"):
         parse_shard("2/2")
-
-
-def test_pool_boxes_projects_and_pools_at_chosen_scale():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        bb = zf5(random_init=True)
-    img = np.random.default_rng(3).integers(0, 255, (200, 240, 3), dtype=np.uint8)
-    fx = FeatureExtractor(bb, [160, 320], device="cpu")
-    sfs = fx(img)
-    boxes = np.array([[0, 0, 240, 200], [10, 20, 40, 60], [100, 50, 230, 190]], float)
-    forced = np.array([1, 0, 1])
-    got = pool_boxes(sfs, boxes, bb, scale_index=forced)
-    for k, (b, s) in enumerate(zip(boxes, forced)):
-        sf = sfs[s]
-        cell = project_boxes(b[None], sf.factor, bb.stride, bb.offset, sf.map_size)
-        assert torch.equal(got[k], spatial_pyramid_pool(sf.features, torch.from_numpy(cell))[0])
-    with pytest.raises(ValueError, match="outside"):
-        pool_boxes(sfs, np.array([[0, 0, 300, 10]], float), bb)
-
-
-def test_pool_unique_boxes_pools_each_distinct_window_once():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        bb = zf5(random_init=True)
-    img = np.random.default_rng(4).integers(0, 255, (200, 240, 3), dtype=np.uint8)
-    sfs = FeatureExtractor(bb, [160, 320], device="cpu")(img)
-    rng = np.random.default_rng(5)
-    xy = rng.uniform(2, 150, (60, 2))
-    base = np.concatenate([xy, xy + rng.uniform(8, 45, (60, 2))], axis=1)
-    # boxes a pixel or two apart mostly share their cells at stride 16
-    boxes = np.concatenate([base, base + rng.uniform(-2, 2, base.shape)])
-    full = pool_boxes(sfs, boxes, bb)
-    distinct, row = pool_unique_boxes(sfs, boxes, bb)
-    assert len(distinct) < len(boxes) and row.shape == (len(boxes),)
-    assert torch.equal(distinct[torch.from_numpy(row)], full)
-    assert len(torch.unique(distinct, dim=0)) == len(distinct)

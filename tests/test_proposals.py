@@ -9,10 +9,11 @@ import pytest
 import scipy.io
 from PIL import Image
 
-from detector import proposal_cache, proposals
+from detector.proposals import search
+from detector.proposals import store as proposal_store
 from detector.config import ProposalConfig
 from detector.datasets.records import ImageRecord
-from detector.proposal_io import load_proposals, load_rcnn_mat, read_proposals_npz, write_proposals_npz
+from detector.proposals import load_proposals, load_rcnn_mat, read_proposals_npz, write_proposals_npz
 from detector.proposals import proposal_recall, selective_search
 
 
@@ -97,7 +98,7 @@ def test_boxes_mapped_back_by_hand(monkeypatch):
                          [40, 0, 60, 50]],   # -> [80, 0, 200, 100]: x2 = 200 already at the border
                         np.float64)
 
-    monkeypatch.setattr(proposals, "_opencv_rects", fake_rects)
+    monkeypatch.setattr(search, "_opencv_rects", fake_rects)
     img = np.zeros((100, 200, 3), np.uint8)
     img[:] = (255, 10, 0)  # RGB red
     b = selective_search(img, resize=100, min_size=8)
@@ -108,7 +109,7 @@ def test_boxes_mapped_back_by_hand(monkeypatch):
 
 
 def test_clipping_of_rounded_boxes(monkeypatch):
-    monkeypatch.setattr(proposals, "_opencv_rects",
+    monkeypatch.setattr(search, "_opencv_rects",
                         lambda *a: np.array([[0, 0, 34, 34]], np.float64))  # 34 * 101/33 > 101
     b = selective_search(np.zeros((101, 101, 3), np.uint8), resize=33, min_size=0)
     assert b.tolist() == [[0, 0, 101, 101]]
@@ -233,22 +234,22 @@ def _cfg(**kw) -> ProposalConfig:
 @pytest.fixture
 def counter(monkeypatch):
     calls = []
-    real = proposals.selective_search
+    real = search.selective_search
 
     def counting(image, *a, **k):
         calls.append(1)
         return real(image, *a, **k)
 
-    monkeypatch.setattr(proposals, "selective_search", counting)
+    monkeypatch.setattr(search, "selective_search", counting)
     return calls
 
 
 def test_cache_second_run_reads_cache(tmp_path, images, counter):
     cache = tmp_path / "cache"
-    first = proposal_cache.compute_proposals(images, cache, _cfg(), workers=1, progress=False)
+    first = proposal_store.compute_proposals(images, cache, _cfg(), workers=1, progress=False)
     assert len(counter) == 3 and first.computed == 3 and first.cached == 0
     assert list(first) == ["im0", "im1", "im2"]
-    second = proposal_cache.compute_proposals(images, cache, _cfg(), workers=1, progress=False)
+    second = proposal_store.compute_proposals(images, cache, _cfg(), workers=1, progress=False)
     assert len(counter) == 3 and second.cached == 3 and second.computed == 0
     for i, k in enumerate(first):
         assert np.array_equal(first[k], second[k])
@@ -258,23 +259,23 @@ def test_cache_second_run_reads_cache(tmp_path, images, counter):
 
 def test_changed_params_change_key(tmp_path, images, counter):
     cache = tmp_path / "cache"
-    a = proposal_cache.ProposalStore(cache, _cfg())
-    assert a.dir == proposal_cache.ProposalStore(cache, _cfg()).dir
+    a = proposal_store.ProposalStore(cache, _cfg())
+    assert a.dir == proposal_store.ProposalStore(cache, _cfg()).dir
     for change in ({"top_k": 100}, {"mode": "single"}, {"min_size": 3}, {"resize": 50}):
-        assert proposal_cache.ProposalStore(cache, _cfg(**change)).dir != a.dir, change
-    proposal_cache.compute_proposals(images, cache, _cfg(), workers=1, progress=False)
-    proposal_cache.compute_proposals(images, cache, _cfg(top_k=5), workers=1, progress=False)
+        assert proposal_store.ProposalStore(cache, _cfg(**change)).dir != a.dir, change
+    proposal_store.compute_proposals(images, cache, _cfg(), workers=1, progress=False)
+    proposal_store.compute_proposals(images, cache, _cfg(top_k=5), workers=1, progress=False)
     assert len(counter) == 6
     assert json.loads((a.dir / "params.json").read_text())["top_k"] == 2000
 
 
 def test_corrupt_cache_entry_recomputed(tmp_path, images, counter):
     cache = tmp_path / "cache"
-    first = proposal_cache.compute_proposals(images, cache, _cfg(), workers=1, progress=False)
-    store = proposal_cache.ProposalStore(cache, _cfg())
+    first = proposal_store.compute_proposals(images, cache, _cfg(), workers=1, progress=False)
+    store = proposal_store.ProposalStore(cache, _cfg())
     store.file(images[1]).write_bytes(b"not a zip file")
     with pytest.warns(UserWarning, match="unreadable"):
-        again = proposal_cache.compute_proposals(images, cache, _cfg(), workers=1, progress=False)
+        again = proposal_store.compute_proposals(images, cache, _cfg(), workers=1, progress=False)
     assert again.computed == 1 and again.cached == 2 and len(counter) == 4
     assert np.array_equal(again["im1"], first["im1"])
 
@@ -283,8 +284,8 @@ def test_corrupt_and_missing_images_skipped(tmp_path, images, caplog):
     bad = tmp_path / "img" / "broken.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n garbage")
     missing = str(tmp_path / "img" / "gone.png")
-    with caplog.at_level(logging.WARNING, logger="detector.proposal_cache"):
-        out = proposal_cache.compute_proposals([images[0], str(bad), missing, images[2]], tmp_path / "c",
+    with caplog.at_level(logging.WARNING, logger="detector.proposals.store"):
+        out = proposal_store.compute_proposals([images[0], str(bad), missing, images[2]], tmp_path / "c",
                                                _cfg(), workers=1, progress=False)
     assert [f[0] for f in out.failed] == ["broken", "gone"]
     assert out["broken"].shape == (0, 4) and out["gone"].shape == (0, 4)
@@ -293,16 +294,16 @@ def test_corrupt_and_missing_images_skipped(tmp_path, images, caplog):
 
 
 def test_parallel_workers_match_in_process(tmp_path, images):
-    par = proposal_cache.compute_proposals(images, tmp_path / "p", _cfg(), workers=2, progress=False)
-    ser = proposal_cache.compute_proposals(images, tmp_path / "s", _cfg(), workers=1, progress=False)
+    par = proposal_store.compute_proposals(images, tmp_path / "p", _cfg(), workers=2, progress=False)
+    ser = proposal_store.compute_proposals(images, tmp_path / "s", _cfg(), workers=1, progress=False)
     assert par.computed == 3 and list(par) == list(ser)
     for k in ser:
         assert np.array_equal(par[k], ser[k])
 
 
 def test_all_filtered_out_warns(tmp_path, images, caplog):
-    with caplog.at_level(logging.WARNING, logger="detector.proposal_cache"):
-        out = proposal_cache.compute_proposals(images[:1], tmp_path / "c", _cfg(min_size=1000),
+    with caplog.at_level(logging.WARNING, logger="detector.proposals.store"):
+        out = proposal_store.compute_proposals(images[:1], tmp_path / "c", _cfg(min_size=1000),
                                                workers=1, progress=False)
     assert out.empty == ["im0"] and out["im0"].shape == (0, 4)
     assert images[0] in caplog.text
@@ -310,11 +311,11 @@ def test_all_filtered_out_warns(tmp_path, images, caplog):
 
 def test_records_and_duplicate_ids(tmp_path, images):
     recs = [ImageRecord("a", images[0], 80, 60), ImageRecord("b", images[1], 80, 60)]
-    store = proposal_cache.ProposalStore(tmp_path / "c", _cfg())
-    out = proposal_cache.compute_proposals(recs, tmp_path / "c", _cfg(), workers=1, progress=False)
+    store = proposal_store.ProposalStore(tmp_path / "c", _cfg())
+    out = proposal_store.compute_proposals(recs, tmp_path / "c", _cfg(), workers=1, progress=False)
     assert list(out) == ["a", "b"] and np.array_equal(out["a"], store.get(recs[0]))
     with pytest.raises(ValueError, match="twice"):
-        proposal_cache.compute_proposals([images[0], images[0]], tmp_path / "c", _cfg(), workers=1)
+        proposal_store.compute_proposals([images[0], images[0]], tmp_path / "c", _cfg(), workers=1)
 
 
 # ---------------------------------------------------------------- proposal files
@@ -433,11 +434,11 @@ def _dies_on_second(task):
 
     if task[0] == 1:
         os._exit(3)
-    return proposal_cache._worker(task)
+    return proposal_store._worker(task)
 
 
 def test_dead_worker_loses_only_its_image(tmp_path, images):
-    store = proposal_cache.ProposalStore(tmp_path / "c", _cfg())
+    store = proposal_store.ProposalStore(tmp_path / "c", _cfg())
     todo = [(i, p, str(store.file(p)), store.options) for i, p in enumerate(images)]
     got = {}
 
@@ -445,7 +446,7 @@ def test_dead_worker_loses_only_its_image(tmp_path, images):
         def update(self):
             pass
 
-    proposal_cache._run_pool(todo, 2, lambda i, b, e: got.__setitem__(i, (b, e)), Bar(), store.dir,
+    proposal_store._run_pool(todo, 2, lambda i, b, e: got.__setitem__(i, (b, e)), Bar(), store.dir,
                              worker=_dies_on_second)
     assert sorted(got) == [0, 1, 2]
     assert got[1][0] is None and "died" in got[1][1]
@@ -460,7 +461,7 @@ def _always_dies(task):
 
 
 def test_workers_that_never_run_give_a_clear_error(tmp_path, images):
-    store = proposal_cache.ProposalStore(tmp_path / "c", _cfg())
+    store = proposal_store.ProposalStore(tmp_path / "c", _cfg())
     todo = [(i, p, str(store.file(p)), store.options) for i, p in enumerate(images[:2])]
     with pytest.raises(RuntimeError, match="__main__"):
-        proposal_cache._run_pool(todo, 2, lambda *a: None, None, store.dir, worker=_always_dies)
+        proposal_store._run_pool(todo, 2, lambda *a: None, None, store.dir, worker=_always_dies)

@@ -10,7 +10,7 @@ from sklearn.svm import LinearSVC
 
 import detector.svm as svm_mod
 from detector.config import SVMConfig
-from detector.svm import (NEVER_FIRES, SVMImage, estimate_feature_scale, sample_feature_rows, svm_scores,
+from detector.svm import (NEVER_FIRES, SVMImage, sample_feature_rows, svm_scores,
                           train_svms)
 
 D = 64
@@ -44,17 +44,6 @@ def _heldout(rng, mus, scale, n=400):
     pos = (mus[lab] + rng.normal(size=(n, D))) * scale
     neg = rng.normal(size=(n, D)) * scale
     return pos.astype(np.float32), lab, neg.astype(np.float32)
-
-
-def test_estimate_feature_scale_gives_target_mean_norm():
-    x = np.random.default_rng(0).normal(size=(500, 37)) * 7.3
-    s = estimate_feature_scale(x, 20.0)
-    norms = [np.sqrt(sum(float(v) ** 2 for v in row)) for row in s * x]  # naive norms
-    assert abs(np.mean(norms) - 20.0) < 1e-9
-    with pytest.raises(ValueError):
-        estimate_feature_scale(np.zeros((4, 3)))
-    with pytest.raises(ValueError):
-        estimate_feature_scale(np.zeros((0, 3)))
 
 
 def test_sample_feature_rows_draws_from_images_deterministically():
@@ -145,7 +134,7 @@ def test_objective_matches_independent_computation():
 def test_class_without_positives_is_skipped_with_a_warning():
     images, _, _ = _gaussian_images(3, num_images=8, num_classes=2, negs_per_image=30)
     # a third class that never occurs
-    images = [SVMImage(im.features, im.gt_labels, np.concatenate([im.max_iou, np.zeros((len(im.max_iou), 1))], 1))
+    images = [SVMImage(im.features, im.gt_labels, np.concatenate([im.class_iou, np.zeros((len(im.class_iou), 1))], 1))
               for im in images]
     with pytest.warns(UserWarning, match="'horse'"):
         W, b, summary = train_svms(images, 3, SVMConfig(), class_names=["cat", "dog", "horse"], progress=False)
@@ -169,8 +158,8 @@ def test_convergence_warnings_are_reported_once():
 def test_bad_image_is_named():
     images, _, _ = _gaussian_images(5, num_images=3, num_classes=2, negs_per_image=5)
     bad = images[1]
-    images[1] = SVMImage(bad.features, bad.gt_labels, bad.max_iou[:, :1])
-    with pytest.raises(ValueError, match="training image 1: max_iou"):
+    images[1] = SVMImage(bad.features, bad.gt_labels, bad.class_iou[:, :1])
+    with pytest.raises(ValueError, match="training image 1: class_iou"):
         train_svms(images, 2, SVMConfig(), progress=False)
     with pytest.raises(TypeError, match="iterator"):
         train_svms(iter(images), 2, SVMConfig(), progress=False)

@@ -42,7 +42,7 @@ def test_extract_features_skips_unreadable_and_finished_images(data, tmp_path, c
 
 def test_compute_then_eval_proposals(data, tmp_path, capsys):
     from detector.datasets.voc import load_voc
-    from detector.proposal_io import load_proposals
+    from detector.proposals import load_proposals
     from detector.proposals import proposal_recall
     from tools import compute_proposals, eval_proposals
 

@@ -14,30 +14,31 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from detector.cli import run_tool  # noqa: E402
 from detector.config import add_config_args, load_config  # noqa: E402
-from detector.proposal_cache import compute_proposals  # noqa: E402
-from detector.proposal_io import write_proposals_npz  # noqa: E402
+from detector.proposals import compute_proposals  # noqa: E402
+from detector.proposals import write_proposals_npz  # noqa: E402
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--dataset", required=True, help="VOC-layout dataset root")
+    ap.add_argument("--dataset", required=True, help="VOC-layout dataset root, or a COCO annotation .json")
+    ap.add_argument("--image-dir", default=None, help="COCO only: the images' folder (default: the json's folder)")
     ap.add_argument("--split", default="trainval", help="ImageSets/Main/<split>.txt")
     ap.add_argument("--cache", default="data/cache/proposals", help="proposal cache root")
-    ap.add_argument("--workers", type=int, default=None, help="worker processes (default: proposals.workers)")
+    ap.add_argument("--workers", type=int, default=None, help="worker processes (default: proposals.workers; 0: every usable core)")
     ap.add_argument("--export", default=None, metavar="FILE.npz",
-                    help="also write all boxes to one .npz file (detector.proposal_io format)")
+                    help="also write all boxes to one .npz file (detector.proposals.files format)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_config_args(ap)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
 
     cfg = load_config(args.config, args.overrides)
-    from detector.datasets.voc import load_voc
+    from detector.datasets import load_dataset
 
-    ds = load_voc(args.dataset, args.split, cfg.classes)
-    workers = cfg.proposals.workers if args.workers is None else args.workers
-    print(f"{len(ds)} images, proposals: {cfg.proposals}, workers={workers}")
-    props = compute_proposals(ds.records, args.cache, cfg, workers=workers, progress=not args.no_progress)
+    ds = load_dataset(args.dataset, args.split, cfg.classes, args.image_dir)
+    print(f"{len(ds)} images, proposals: {cfg.proposals}")
+    props = compute_proposals(ds.records, args.cache, cfg.proposals, workers=args.workers,
+                              progress=not args.no_progress)
     print(props.summary())
     counts = sorted(len(b) for b in props.values())
     if counts:

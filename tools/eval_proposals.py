@@ -15,20 +15,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from detector.cli import run_tool  # noqa: E402
 from detector.config import add_config_args, load_config  # noqa: E402
-from detector.proposal_cache import compute_proposals, proposals_for  # noqa: E402
-from detector.proposal_io import load_proposals  # noqa: E402
+from detector.proposals import compute_proposals, proposals_for  # noqa: E402
+from detector.proposals import load_proposals  # noqa: E402
 from detector.proposals import (TOP_NS, curve_ns, format_recall, plot_recall, proposal_recall,  # noqa: E402
                                 recall_to_json)
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--dataset", required=True, help="VOC-layout dataset root")
+    ap.add_argument("--dataset", required=True, help="VOC-layout dataset root, or a COCO annotation .json")
+    ap.add_argument("--image-dir", default=None, help="COCO only: the images' folder (default: the json's folder)")
     ap.add_argument("--split", default="test", help="ImageSets/Main/<split>.txt")
     ap.add_argument("--proposals", default=None, metavar="FILE",
                     help="R-CNN .mat or our .npz; default: selective search through the cache")
     ap.add_argument("--cache", default="data/cache/proposals", help="proposal cache root")
-    ap.add_argument("--workers", type=int, default=None, help="worker processes (default: proposals.workers)")
+    ap.add_argument("--workers", type=int, default=None, help="worker processes (default: proposals.workers; 0: every usable core)")
     ap.add_argument("--top-ns", type=int, nargs="+", default=list(TOP_NS), help="proposal counts to report")
     ap.add_argument("--plot", default=None, metavar="OUT.png", help="recall vs number of proposals")
     ap.add_argument("--json", default=None, metavar="OUT.json", help="write the figures as JSON")
@@ -37,16 +38,15 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
 
     cfg = load_config(args.config, args.overrides)
-    from detector.datasets.voc import load_voc
+    from detector.datasets import load_dataset
 
-    ds = load_voc(args.dataset, args.split, cfg.classes)
+    ds = load_dataset(args.dataset, args.split, cfg.classes, args.image_dir)
     ids = [r.image_id for r in ds.records]
     if args.proposals:
         props = load_proposals(args.proposals, ids)
         source = args.proposals
     else:
-        workers = cfg.proposals.workers if args.workers is None else args.workers
-        props = compute_proposals(ds.records, args.cache, cfg, workers=workers)
+        props = compute_proposals(ds.records, args.cache, cfg.proposals, workers=args.workers)
         print(props.summary())
         source = f"selective search {cfg.proposals}"
     boxes = proposals_for(ds.records, props)

@@ -15,15 +15,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from detector.cli import run_tool  # noqa: E402
 from detector.backbones import build_backbone  # noqa: E402
 from detector.config import add_config_args, load_config  # noqa: E402
+from detector.errors import DatasetError  # noqa: E402
 from detector.features import FeatureCache, FeatureExtractor, extract_all, list_images, parse_shard  # noqa: E402
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = ap.add_mutually_exclusive_group(required=True)
-    src.add_argument("--dataset", help="VOC-layout dataset root")
+    src.add_argument("--dataset", help="VOC-layout dataset root, or a COCO annotation .json")
     src.add_argument("--images", help="a folder of images")
     ap.add_argument("--split", default="trainval", help="ImageSets/Main/<split>.txt (with --dataset)")
+    ap.add_argument("--image-dir", default=None, help="COCO only: the images' folder (default: the json's folder)")
     ap.add_argument("--cache", default="data/cache/features", help="feature cache root")
     ap.add_argument("--shard", default="0/1", help="i/N: this process takes every N-th image from the i-th")
     ap.add_argument("--flip", action="store_true", help="also cache the mirror images (fine-tuning augmentation)")
@@ -34,14 +36,13 @@ def main(argv=None) -> int:
     cfg = load_config(args.config, args.overrides)
     shard = parse_shard(args.shard)
     if args.dataset:
-        from detector.datasets.voc import load_voc
+        from detector.datasets import load_dataset
 
-        paths = [r.path for r in load_voc(args.dataset, args.split, cfg.classes)]
+        paths = [r.path for r in load_dataset(args.dataset, args.split, cfg.classes, args.image_dir)]
     else:
         paths = list_images(args.images)
     if not paths:
-        print("no images found", file=sys.stderr)
-        return 2
+        raise DatasetError(f"{args.images}: no image files found (.jpg, .png, ...)")
     print(f"backbone={cfg.backbone.name} scales={cfg.features.scales} max_size={cfg.features.max_size}")
     extractor = FeatureExtractor(build_backbone(cfg.backbone), cfg.features.scales, cfg.features.max_size,
                                  cfg.features.device)

@@ -37,20 +37,21 @@ def main(argv=None) -> int:
 
     import detector
     from detector.config import apply_test_overrides
-    from detector.pipeline import load_dataset
+    from detector.datasets import load_dataset
     from detector.evaluation import coco_gt_from_arrays, detection_counts, eval_coco, format_ap_table
+    from detector.inference import detect_dataset, score_detections
     from detector.result_files import write_coco_results, write_voc_results
-    from detector.testing import check_classes, run_detection, score
     from detector.visualize import save_detections
 
     model = detector.load(args.model)
     apply_test_overrides(model.cfg, args.overrides)
+    # Labels follow the model's class list; an object of a class the model does not know is
+    # an error naming its annotation file.
     ds = load_dataset(args.dataset, args.split, model.class_names, args.image_dir)
-    check_classes(model, ds)
     out = Path(args.out) if args.out else Path(args.model).parent / f"test_{args.split}"
     out.mkdir(parents=True, exist_ok=True)
-    results, info = run_detection(model, ds, args.cache, progress=not args.quiet,
-                                  box_regression=not args.no_box_regression)
+    results, info = detect_dataset(model, ds, args.cache, progress=not args.quiet,
+                                   box_regression=not args.no_box_regression)
     ids = [r.image_id for r in ds]
     boxes = [r["boxes"] for r in results]
     labels = [r["labels"] for r in results]
@@ -62,7 +63,7 @@ def main(argv=None) -> int:
                                   boxes, labels, scores)
     for r, res in list(zip(ds.records, results))[: args.vis]:
         save_detections(r.path, res, out / "vis" / f"{r.image_id}.png", args.vis_thresh, r.boxes)
-    ev = score(ds, results, use_07_metric=args.metric == "07")
+    ev = score_detections(ds, results, use_07_metric=args.metric == "07")
     n_gt, n_det = detection_counts(labels, [g.labels for g in ds], [g.difficult for g in ds],
                                    n_classes=len(model.class_names))
     print(f"{len(ds)} images, median {info['median_s_per_image']:.3f} s per image; results in {out}")

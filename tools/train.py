@@ -13,8 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from detector.cli import run_tool  # noqa: E402
 from detector.config import add_config_args, load_config  # noqa: E402
-
-STAGES = ("proposals", "features", "finetune", "svm", "bbox", "model")  # detector.pipeline.STAGES
+from detector.stages import STAGES  # noqa: E402  (torch-free)
 
 
 def main(argv=None) -> int:

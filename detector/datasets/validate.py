@@ -24,13 +24,9 @@ from typing import Any
 import numpy as np
 
 from .records import Dataset
-from ..errors import InputError
+from ..errors import DatasetError  # noqa: F401  (re-exported)
 
 logger = logging.getLogger(__name__)
-
-
-class DatasetError(InputError, ValueError):
-    """The dataset cannot be loaded as asked; the message names the file and the problem."""
 
 
 class DatasetWarning(UserWarning):

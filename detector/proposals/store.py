@@ -3,7 +3,7 @@
 Layout: `<cache_dir>/<params key>/<image content digest>.npz` holding `boxes`
 ([N, 4] float32, our pixel convention, best first) and `image_size` (w, h).
 The params key hashes the search options, the OpenCV version and
-proposals.ALGO_VERSION; `params.json` beside the entries says what they are.
+proposals.search.ALGO_VERSION; `params.json` beside the entries says what they are.
 Entries are written atomically by the worker that computed them, so an
 interrupted run keeps its finished work and the next run skips it.
 """
@@ -20,10 +20,10 @@ from typing import Iterable, Optional, Sequence, Union
 
 import numpy as np
 
-from . import proposals as _ss
-from .cache import atomic_save_npz, atomic_write_json, file_digest, load_npz, params_digest
-from .datasets.records import ImageRecord
-from .images import ImageError
+from ..cache import atomic_save_npz, atomic_write_json, file_digest, load_npz, params_digest
+from ..datasets.records import ImageRecord
+from ..images import ImageError
+from . import search as _ss
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ class ProposalStore:
     """Proposals of single images, from the cache when present, else computed and stored."""
 
     def __init__(self, cache_dir: Union[str, os.PathLike], cfg):
-        self.options = _ss.search_options(cfg)
+        self.options = _ss.search_options(cfg)  # cfg: a ProposalConfig
         self.params = cache_params(self.options)
         self.key = params_digest(self.params)
         self.dir = Path(cache_dir) / self.key
@@ -76,7 +76,7 @@ class ProposalStore:
 
 
 def _compute_and_store(path: str, cache_file: str, options: dict) -> np.ndarray:
-    from .images import load_image
+    from ..images import load_image
 
     opts = dict(options)
     mode = opts.pop("mode")
@@ -148,19 +148,27 @@ def _items(records_or_image_paths: Iterable) -> list[tuple[str, str]]:
     return items
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity), not the machine's count."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def compute_proposals(records_or_image_paths: Iterable, cache_dir: Union[str, os.PathLike], cfg,
-                      workers: int = 2, progress: bool = True) -> ProposalSet:
+                      workers: Optional[int] = None, progress: bool = True) -> ProposalSet:
     """Proposals for every record (or image path; its id is then the file stem), cached.
 
-    `cfg` is a ProposalConfig or a whole Config.  Existing valid cache entries
-    are read, not recomputed; corrupt ones are recomputed.  Missing work runs
-    in `workers` spawned processes (1 OpenCV thread each; workers <= 1: in this
-    process).  An unreadable image is logged with its file name, skipped (an
-    empty array) and listed in `.failed`; the rest is still done.
+    `cfg` is a ProposalConfig.  Existing valid cache entries are read, not
+    recomputed; corrupt ones are recomputed.  Missing work runs in `workers`
+    spawned processes (default `cfg.workers`, where 0 means every usable core;
+    1 OpenCV thread each; workers <= 1: in this process).  An unreadable
+    image is logged with its file name, skipped (an empty array) and listed in
+    `.failed`; the rest is still done.
     """
     from tqdm import tqdm
 
     t0 = time.perf_counter()
+    workers = cfg.workers if workers is None else workers
+    workers = usable_cores() if workers <= 0 else workers
     store = ProposalStore(cache_dir, cfg)
     items = _items(records_or_image_paths)
     out = ProposalSet(cache_dir=str(store.dir))

@@ -1,4 +1,4 @@
-"""Detection over a dataset split and its scoring: devkit files, COCO json, AP table."""
+"""A trained detector run over a dataset split, and the VOC scoring of its detections."""
 from __future__ import annotations
 
 import time
@@ -9,30 +9,25 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .datasets.records import Dataset
-from .model import SPPDetector
+from .model import SPPDetector, empty_result
 
 
-def check_classes(model: SPPDetector, ds: Dataset) -> None:
-    if list(model.class_names) != list(ds.class_names):
-        raise ValueError(f"the model was trained for classes {model.class_names}, the dataset has "
-                         f"{ds.class_names}; pass the training class list (--set classes=[...]) or retrain")
+def detect_dataset(model: SPPDetector, ds: Dataset, cache_root: Optional[str] = "data/cache",
+                   progress: bool = True, box_regression: bool = True,
+                   proposals: Optional[dict] = None) -> tuple[list[dict], dict]:
+    """Detections for every image, in record order.  Proposals: `proposals` (image id ->
+    boxes) when given, else selective search through the shared cache under `cache_root`,
+    else (cache_root None) selective search inside detect()."""
+    if proposals is None and cache_root is not None:
+        from .proposals import compute_proposals
 
-
-def run_detection(model: SPPDetector, ds: Dataset, cache_root: Optional[str] = "data/cache",
-                  progress: bool = True, box_regression: bool = True) -> tuple[list[dict], dict]:
-    """Detections for every image (proposals from the shared cache when `cache_root` is given)."""
-    proposals = None
-    if cache_root is not None:
-        from .proposal_cache import compute_proposals
-
-        p = model.cfg.proposals
-        proposals = compute_proposals(ds.records, Path(cache_root) / "proposals", p, workers=p.workers,
+        proposals = compute_proposals(ds.records, Path(cache_root) / "proposals", model.cfg.proposals,
                                       progress=progress)
     results, times = [], []
     for r in tqdm(ds.records, desc="detect", unit="img", disable=not progress):
         props = None if proposals is None else proposals.get(r.image_id)
         if props is not None and len(props) == 0:
-            results.append(model._empty())
+            results.append(empty_result())
             continue
         t = time.perf_counter()
         results.append(model.detect(r.path, proposals=props, box_regression=box_regression))
@@ -40,7 +35,8 @@ def run_detection(model: SPPDetector, ds: Dataset, cache_root: Optional[str] = "
     return results, {"images": len(ds), "median_s_per_image": float(np.median(times)) if times else 0.0}
 
 
-def score(ds: Dataset, results: list[dict], use_07_metric: bool = True) -> dict:
+def score_detections(ds: Dataset, results: list[dict], use_07_metric: bool = True) -> dict:
+    """VOC AP per class and mAP (devkit rules) of `results` against the dataset's ground truth."""
     from .evaluation import eval_detection_voc, to_devkit_boxes
 
     return eval_detection_voc([to_devkit_boxes(r["boxes"]) for r in results], [r["labels"] for r in results],

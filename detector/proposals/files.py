@@ -23,7 +23,7 @@ from typing import Mapping, Optional, Sequence, Union
 
 import numpy as np
 
-from .cache import atomic_save_npz
+from ..cache import atomic_save_npz
 
 NPZ_FORMAT = "spp-proposals/1"
 PathLike = Union[str, os.PathLike]

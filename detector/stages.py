@@ -1,0 +1,94 @@
+"""The training stages, what each one's result depends on, and the record of finished ones.
+
+Torch-free on purpose: `tools/train.py` imports `STAGES` for its `--stop-after` choices
+before it imports anything heavy (spawned selective-search workers re-import the script).
+
+Each stage's digest hashes only the settings that change its result, plus the digests of
+the stages it reads from, so a change propagates downstream and nowhere else:
+
+    proposals  search options (not `workers`)
+    features   the feature-cache key (backbone, weights, scales, max_size, dtype) and flips
+    finetune   "base" (data, proposals, feature key, levels, projection, scale rule, seed,
+               target norm: everything pool5 depends on) + finetune settings (not
+               `checkpoint_every`)
+    svm        finetune + svm settings
+    bbox       base + bbox settings
+    model      svm + bbox + finetune + the whole config but the settings below
+
+Settings that never change a result: `proposals.workers`, `features.device`,
+`finetune.checkpoint_every`, `backbone.download`.
+"""
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+from .cache import atomic_write_json, params_digest
+
+STAGES = ("proposals", "features", "finetune", "svm", "bbox", "model")
+
+# (section, key) pairs that only change how fast or where a stage runs, never its result.
+IRRELEVANT = (("proposals", "workers"), ("features", "device"), ("finetune", "checkpoint_every"),
+              ("backbone", "download"))
+
+
+def relevant_config(cfg) -> dict:
+    """The config as a dict, without the settings that never change a result."""
+    d = copy.deepcopy(cfg.to_dict())
+    for section, key in IRRELEVANT:
+        d[section].pop(key, None)
+    return d
+
+
+def data_digest(ds) -> str:
+    """What the training set is: image ids, boxes, labels, class names."""
+    return params_digest({"ids": [r.image_id for r in ds], "boxes": [r.boxes.tolist() for r in ds],
+                          "labels": [r.labels.tolist() for r in ds], "classes": list(ds.class_names)})
+
+
+def stage_digests(cfg, data_sig: str, feature_key: str) -> dict[str, str]:
+    """Digest of every stage's inputs (see the module docstring), plus the per-image row
+    sets the SVM and box-regression stages train from ("svm_rows", "bbox_rows")."""
+    c = relevant_config(cfg)
+    flips = bool(cfg.finetune.enabled and cfg.finetune.flip)
+    d = {"proposals": params_digest(c["proposals"]),
+         "features": params_digest({"key": feature_key, "flips": flips})}
+    base = params_digest({"data": data_sig, "proposals": d["proposals"], "features": feature_key,
+                          "levels": c["spp"]["levels"], "projection": c["spp"]["projection"],
+                          "scale_rule": c["features"]["scale_rule"], "seed": c["seed"],
+                          "target_norm": c["svm"]["target_norm"]})
+    ft = c["finetune"] if cfg.finetune.enabled else {"enabled": False}
+    d["finetune"] = params_digest({"base": base, "finetune": ft, "features": d["features"]})
+    d["svm_rows"] = params_digest({"finetune": d["finetune"], "layer": c["svm"]["layer"]})
+    d["svm"] = params_digest({"rows": d["svm_rows"], "svm": c["svm"]})
+    d["bbox_rows"] = params_digest({"base": base, "iou": c["bbox"]["iou_thresh"]})
+    d["bbox"] = params_digest({"rows": d["bbox_rows"], "bbox": c["bbox"]})
+    d["model"] = params_digest({"svm": d["svm"], "bbox": d["bbox"], "finetune": d["finetune"], "config": c})
+    return d
+
+
+class StageRecords:
+    """`RUN_DIR/stages.json`: each finished stage's digest, time and summary; and, for this
+    run, which stages ran and which were reused."""
+
+    def __init__(self, run_dir: Path):
+        self.path = Path(run_dir) / "stages.json"
+        self.done = json.loads(self.path.read_text()) if self.path.is_file() else {}
+        self.ran: dict[str, float] = {}
+        self.reused: list[str] = []
+
+    def fresh(self, name: str, digest: str, files=()) -> bool:
+        return self.done.get(name, {}).get("digest") == digest and all(Path(f).is_file() for f in files)
+
+    def finish(self, name: str, digest: str, seconds: float, **info) -> None:
+        self.done[name] = {"digest": digest, "seconds": round(seconds, 2), **info}
+        self.ran[name] = seconds
+        atomic_write_json(self.path, self.done)
+
+    def reuse(self, name: str) -> None:
+        self.reused.append(name)
+
+    def report(self) -> str:
+        ran = ", ".join(f"{k} {v:.1f} s" for k, v in self.ran.items()) or "none"
+        return f"stages run: {ran}" + (f"; reused: {', '.join(self.reused)}" if self.reused else "")

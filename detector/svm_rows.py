@@ -1,0 +1,111 @@
+"""Per-image training rows of the SVM and box-regression stages, kept on disk.
+
+One pass over the training images computes, per image:
+- SVM rows: the classifier features (fc7 by default) of its ground-truth boxes and
+  proposals, with each row's GT class and per-class IoU;
+- box-regression rows: pool5 of the windows that overlap a ground-truth box, with the
+  window, its assigned GT box and class.
+
+Each image's rows go to their own file, written atomically into a folder named after the
+digest of what produced them, so the pass resumes after an interruption and memory does
+not grow with the dataset: the stages read the files back one image at a time (R-CNN's
+release also cached these features on disk).  A folder is removed once its stage is done.
+"""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Callable, Iterator, Optional, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .bbox_regression import select_regression_examples
+from .cache import atomic_save_npz, load_npz
+from .embedder import WindowEmbedder
+from .errors import CacheError
+from .finetune import FeatureGetter, TrainImage
+from .svm import SVMImage, sample_feature_rows
+
+
+class RowStore:
+    """A folder of per-image row files `<index>.npz`."""
+
+    def __init__(self, directory: Path):
+        self.dir = Path(directory)
+
+    def file(self, i: int) -> Path:
+        return self.dir / f"{i:06d}.npz"
+
+    def has(self, i: int) -> bool:
+        return self.file(i).is_file()
+
+    def write(self, i: int, **arrays: np.ndarray) -> None:
+        atomic_save_npz(self.file(i), **arrays)
+
+    def read(self, i: int) -> dict:
+        z = load_npz(self.file(i))
+        if z is None:
+            raise CacheError(f"{self.file(i)} is missing or unreadable; delete {self.dir} and run again")
+        return z
+
+    def remove(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _regression_rows(p5: torch.Tensor, image: TrainImage, gt_boxes: np.ndarray, gt_labels: np.ndarray,
+                     iou: float) -> dict:
+    w = image.windows
+    ex = select_regression_examples(w.boxes[~w.is_gt], gt_boxes, gt_labels, iou) if len(gt_boxes) else None
+    if ex is None or not len(ex):
+        return {"x": np.zeros((0, p5.shape[1]), np.float16), "boxes": np.zeros((0, 4), np.float32),
+                "gt": np.zeros((0, 4), np.float32), "labels": np.zeros(0, np.int64)}
+    rows = np.where(ex.is_gt, ex.index, ex.index + len(gt_boxes))
+    return {"x": p5[torch.from_numpy(rows)].numpy().astype(np.float16), "boxes": ex.boxes, "gt": ex.gt_boxes,
+            "labels": ex.labels}
+
+
+def write_rows(embedder: WindowEmbedder, images: Sequence[TrainImage], gts: Sequence[tuple[np.ndarray, np.ndarray]],
+               get_features: FeatureGetter, svm: Optional[RowStore], bbox: Optional[RowStore], bbox_iou: float,
+               progress: bool = True, done: Callable[[int], None] = lambda i: None) -> None:
+    """Write the missing row files of every image (SVM rows into `svm`, regression rows into
+    `bbox`; either may be None).  gts: per image (GT boxes, GT labels).  `done(i)` is
+    called after image i, e.g. to drop its conv maps from memory."""
+    stores = [s for s in (svm, bbox) if s is not None]
+    for i, im in enumerate(tqdm(images, desc="SVM/regression rows", unit="img", disable=not progress)):
+        if all(s.has(i) for s in stores):
+            continue
+        p5 = embedder.pool5(get_features(i, False), im.windows.boxes, name=f"windows of {im.path}")
+        if bbox is not None and not bbox.has(i):
+            bbox.write(i, **_regression_rows(p5, im, gts[i][0], gts[i][1], bbox_iou))
+        if svm is not None and not svm.has(i):
+            w = im.windows
+            svm.write(i, x=embedder.embed(p5).numpy().astype(np.float16), gt_labels=w.gt_labels,
+                      class_iou=w.class_iou)
+        done(i)
+
+
+def svm_feature_scale(store: RowStore, n: int, norm_images: int, norm_boxes: int, target: float, seed: int) -> float:
+    """R-CNN's norm-20 scale of the SVM features, from a seeded sample of the stored rows."""
+    from .embedder import norm_scale
+
+    sample = sample_feature_rows(lambda i: store.read(i)["x"], n, norm_images, norm_boxes, seed)
+    return norm_scale(sample.astype(np.float32), target, "SVM features")
+
+
+def svm_images(store: RowStore, n: int, scale: float) -> Callable[[], Iterator[SVMImage]]:
+    """A callable giving a fresh pass over the stored SVM rows, scaled (train_svms reads twice)."""
+    def images() -> Iterator[SVMImage]:
+        for i in range(n):
+            z = store.read(i)
+            yield SVMImage(z["x"].astype(np.float32) * scale, z["gt_labels"], z["class_iou"])
+
+    return images
+
+
+def regression_examples(store: RowStore, n: int) -> dict[str, np.ndarray]:
+    """All stored regression rows, concatenated (pool5 stays float16: ridge_solve upcasts
+    row chunks to float64, and float16 -> float64 is exact)."""
+    parts = [store.read(i) for i in range(n)]
+    return {k: np.concatenate([z.pop(k) for z in parts]) for k in ("x", "boxes", "gt", "labels")}
