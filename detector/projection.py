@@ -24,24 +24,26 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from .errors import ProposalsError
+
 
 def check_boxes(boxes: np.ndarray, width: int, height: int, name: str = "boxes") -> np.ndarray:
-    """Validate [N, 4] x1, y1, x2, y2 boxes against a W x H image; a clear ValueError otherwise."""
+    """Validate [N, 4] x1, y1, x2, y2 boxes against a W x H image; a clear ProposalsError otherwise."""
     b = np.asarray(boxes, dtype=np.float64)
     if b.ndim != 2 or b.shape[1] != 4:
-        raise ValueError(f"{name} must be an [N, 4] array of x1, y1, x2, y2, got shape {b.shape}")
+        raise ProposalsError(f"{name} must be an [N, 4] array of x1, y1, x2, y2, got shape {b.shape}")
     if not np.isfinite(b).all():
         i = int(np.nonzero(~np.isfinite(b).all(1))[0][0])
-        raise ValueError(f"{name}[{i}] = {b[i].tolist()} is not finite")
+        raise ProposalsError(f"{name}[{i}] = {b[i].tolist()} is not finite")
     bad = (b[:, 2] < b[:, 0]) | (b[:, 3] < b[:, 1])
     if bad.any():
         i = int(np.nonzero(bad)[0][0])
-        raise ValueError(f"{name}[{i}] = {b[i].tolist()} has x2 < x1 or y2 < y1")
+        raise ProposalsError(f"{name}[{i}] = {b[i].tolist()} has x2 < x1 or y2 < y1")
     tol = 1e-3
     out = (b[:, 0] < -tol) | (b[:, 1] < -tol) | (b[:, 2] > width + tol) | (b[:, 3] > height + tol)
     if out.any():
         i = int(np.nonzero(out)[0][0])
-        raise ValueError(f"{name}[{i}] = {b[i].tolist()} lies outside the {width}x{height} image")
+        raise ProposalsError(f"{name}[{i}] = {b[i].tolist()} lies outside the {width}x{height} image")
     return b
 
 

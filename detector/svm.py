@@ -243,6 +243,98 @@ def _as_image(img: SVMImage) -> SVMImage:
                     np.asarray(img.class_iou, np.float64))
 
 
+def _positives(images: Images, num_classes: int, progress: bool) -> tuple[list[np.ndarray], int, int]:
+    """Pass 1: every positive of every class, as R-CNN gathers them before mining.
+    Returns the per-class positive rows, the feature dimension and the image count."""
+    pos_chunks: list[list[np.ndarray]] = [[] for _ in range(num_classes)]
+    dim: Optional[int] = None
+    num_images = 0
+    for idx, img in enumerate(tqdm(_iterate(images), desc="SVM positives", unit="img", disable=not progress)):
+        _check_image(img, idx, num_classes, dim)
+        img = _as_image(img)
+        dim = img.features.shape[1]
+        for k in np.unique(img.gt_labels[img.gt_labels >= 0]):
+            pos_chunks[k].append(img.features[img.gt_labels == k])
+        num_images += 1
+    if dim is None:
+        raise ValueError("train_svms: no training images")
+    return [np.concatenate(c) if c else np.zeros((0, dim), np.float32) for c in pos_chunks], dim, num_images
+
+
+class _Miner:
+    """The per-class models, negative caches and counters of one hard-negative mining run."""
+
+    def __init__(self, X_pos: list[np.ndarray], dim: int, cfg: SVMConfig, names: list[str], tol: float):
+        K = len(X_pos)
+        self.X_pos, self.cfg, self.names, self.tol = X_pos, cfg, names, tol
+        self.W = np.zeros((dim, K), np.float32)
+        self.b = np.full(K, NEVER_FIRES, np.float32)
+        self.trained = np.zeros(K, bool)
+        self.active = np.array([len(p) > 0 for p in X_pos])
+        self.caches = [_NegativeCache(dim) for _ in range(K)]
+        self.retrains = np.zeros(K, np.int64)
+        self.unconverged: dict[int, int] = {}
+
+    def retrain(self, k: int, evict: bool) -> None:
+        from sklearn.exceptions import ConvergenceWarning
+
+        cfg, cache = self.cfg, self.caches[k]
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ConvergenceWarning)
+            w, bias = _fit_linear_svm(self.X_pos[k], cache.features, cfg.C, cfg.pos_weight,
+                                      cfg.intercept_scaling, cfg.max_iter, self.tol)
+        for c in caught:  # reported once at the end, not per fit
+            if issubclass(c.category, ConvergenceWarning):
+                self.unconverged[k] = self.unconverged.get(k, 0) + 1
+            else:
+                warnings.warn_explicit(c.message, c.category, c.filename, c.lineno)
+        self.W[:, k] = w
+        self.b[k] = bias
+        self.trained[k] = True
+        self.retrains[k] += 1
+        cache.num_added = 0
+        if evict:
+            z = cache.features @ self.W[:, k] + self.b[k]
+            cache.keep(z >= cfg.evict_thresh)
+        log.info("SVM %s: retrain %d on %d pos / %d neg", self.names[k], self.retrains[k], len(self.X_pos[k]),
+                 cache.n)
+
+    def mine(self, idx: int, img: SVMImage) -> None:
+        """One image of the mining pass, all classes at once."""
+        cfg = self.cfg
+        z = img.features @ self.W + self.b  # scores under the current models, before this image's retrains
+        for k in np.flatnonzero(self.active):
+            neg = (img.class_iou[:, k] < cfg.neg_iou) & (img.gt_labels != k)
+            if self.trained[k]:
+                neg &= z[:, k] > cfg.hard_thresh
+            rows = np.flatnonzero(neg)
+            cache = self.caches[k]
+            rows = rows[~cache.contains(idx, rows)]
+            cache.add(idx, rows, img.features[rows])
+            if cache.n and (not self.trained[k] or cache.num_added > cfg.retrain_every):
+                self.retrain(k, evict=True)
+
+    def finish(self, k: int) -> dict:
+        """The final retrain of class k on its final cache, and its summary row."""
+        cfg, cache, name = self.cfg, self.caches[k], self.names[k]
+        row = {"class": name, "index": k, "positives": len(self.X_pos[k]), "negatives_kept": cache.n,
+               "negatives_added": cache.total_added, "negatives_evicted": cache.total_evicted,
+               "objective": float("nan"), "pos_loss": float("nan"), "neg_loss": float("nan"),
+               "reg_loss": float("nan"), "retrains": 0, "skipped": True, "converged": True}
+        if self.active[k] and cache.n == 0:
+            warnings.warn(f"SVM for class '{name}' (index {k}) skipped: no negative examples "
+                          f"(IoU < {cfg.neg_iou}); it will never fire", UserWarning, stacklevel=3)
+        if self.active[k] and cache.n > 0:
+            self.retrain(k, evict=False)
+            row.update(svm_objective(self.W[:, k], float(self.b[k]), self.X_pos[k], cache.features, cfg.C,
+                                     cfg.pos_weight, cfg.intercept_scaling))
+            row.update(retrains=int(self.retrains[k]), skipped=False, converged=k not in self.unconverged)
+        else:
+            self.W[:, k] = 0.0
+            self.b[k] = NEVER_FIRES
+        return row
+
+
 def train_svms(
     images: Images,
     num_classes: int,
@@ -271,53 +363,12 @@ def train_svms(
         raise ValueError(f"train_svms: {len(names)} class names for {num_classes} classes")
     from sklearn.exceptions import ConvergenceWarning
 
-    # Pass 1: every positive of every class, as R-CNN gathers them before mining.
-    pos_chunks: list[list[np.ndarray]] = [[] for _ in range(num_classes)]
-    dim: Optional[int] = None
-    num_images = 0
-    for idx, img in enumerate(tqdm(_iterate(images), desc="SVM positives", unit="img", disable=not progress)):
-        _check_image(img, idx, num_classes, dim)
-        img = _as_image(img)
-        dim = img.features.shape[1]
-        for k in np.unique(img.gt_labels[img.gt_labels >= 0]):
-            pos_chunks[k].append(img.features[img.gt_labels == k])
-        num_images += 1
-    if dim is None:
-        raise ValueError("train_svms: no training images")
-    X_pos = [np.concatenate(c) if c else np.zeros((0, dim), np.float32) for c in pos_chunks]
-
-    W = np.zeros((dim, num_classes), np.float32)
-    b = np.full(num_classes, NEVER_FIRES, np.float32)
-    trained = np.zeros(num_classes, bool)
-    active = np.array([len(p) > 0 for p in X_pos])
-    for k in np.flatnonzero(~active):
+    X_pos, dim, num_images = _positives(images, num_classes, progress)
+    m = _Miner(X_pos, dim, cfg, names, tol)
+    for k in np.flatnonzero(~m.active):
         warnings.warn(f"SVM for class '{names[k]}' (index {k}) skipped: no positive (ground-truth) "
                       f"examples; it will never fire", UserWarning, stacklevel=2)
-    caches = [_NegativeCache(dim) for _ in range(num_classes)]
-    retrains = np.zeros(num_classes, np.int64)
-    unconverged: dict[int, int] = {}
-
-    def retrain(k: int, evict: bool) -> None:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", ConvergenceWarning)
-            w, bias = _fit_linear_svm(X_pos[k], caches[k].features, cfg.C, cfg.pos_weight,
-                                      cfg.intercept_scaling, cfg.max_iter, tol)
-        for c in caught:  # reported once at the end, not per fit
-            if issubclass(c.category, ConvergenceWarning):
-                unconverged[k] = unconverged.get(k, 0) + 1
-            else:
-                warnings.warn_explicit(c.message, c.category, c.filename, c.lineno)
-        W[:, k] = w
-        b[k] = bias
-        trained[k] = True
-        retrains[k] += 1
-        caches[k].num_added = 0
-        if evict:
-            z = caches[k].features @ W[:, k] + b[k]
-            caches[k].keep(z >= cfg.evict_thresh)
-        log.info("SVM %s: retrain %d on %d pos / %d neg", names[k], retrains[k], len(X_pos[k]), caches[k].n)
-
-    # Pass 2: one mining pass (per epoch) over the images, all classes at once.
+    # Pass 2: one mining pass (per epoch) over the images.
     for epoch in range(epochs):
         bar = tqdm(_iterate(images), total=num_images, desc=f"SVM mining (epoch {epoch + 1}/{epochs})",
                    unit="img", disable=not progress)
@@ -325,48 +376,20 @@ def train_svms(
         for idx, img in enumerate(bar):
             seen += 1
             _check_image(img, idx, num_classes, dim)
-            img = _as_image(img)
-            z = img.features @ W + b  # scores under the current models, before this image's retrains
-            for k in np.flatnonzero(active):
-                neg = (img.class_iou[:, k] < cfg.neg_iou) & (img.gt_labels != k)
-                if trained[k]:
-                    neg &= z[:, k] > cfg.hard_thresh
-                rows = np.flatnonzero(neg)
-                rows = rows[~caches[k].contains(idx, rows)]
-                caches[k].add(idx, rows, img.features[rows])
-                if caches[k].n and (not trained[k] or caches[k].num_added > cfg.retrain_every):
-                    retrain(k, evict=True)
-            bar.set_postfix(retrains=int(retrains.sum()), refresh=False)
+            m.mine(idx, _as_image(img))
+            bar.set_postfix(retrains=int(m.retrains.sum()), refresh=False)
         if seen != num_images:
             raise ValueError(f"train_svms: the images gave {num_images} items for positives but {seen} for mining")
-
     # Once more at the end, every class, on its final cache.
-    summary = []
-    for k in tqdm(range(num_classes), desc="SVM final retrain", unit="class", disable=not progress):
-        row = {"class": names[k], "index": k, "positives": len(X_pos[k]), "negatives_kept": caches[k].n,
-               "negatives_added": caches[k].total_added, "negatives_evicted": caches[k].total_evicted,
-               "objective": float("nan"), "pos_loss": float("nan"), "neg_loss": float("nan"),
-               "reg_loss": float("nan"), "retrains": 0, "skipped": True, "converged": True}
-        if active[k] and caches[k].n == 0:
-            warnings.warn(f"SVM for class '{names[k]}' (index {k}) skipped: no negative examples "
-                          f"(IoU < {cfg.neg_iou}); it will never fire", UserWarning, stacklevel=2)
-        if active[k] and caches[k].n > 0:
-            retrain(k, evict=False)
-            row.update(svm_objective(W[:, k], float(b[k]), X_pos[k], caches[k].features, cfg.C,
-                                     cfg.pos_weight, cfg.intercept_scaling))
-            row.update(retrains=int(retrains[k]), skipped=False, converged=k not in unconverged)
-        else:
-            W[:, k] = 0.0
-            b[k] = NEVER_FIRES
-        summary.append(row)
-
-    if unconverged:
-        total = sum(unconverged.values())
-        which = ", ".join(f"{names[k]} ({n})" for k, n in sorted(unconverged.items()))
+    summary = [m.finish(k) for k in tqdm(range(num_classes), desc="SVM final retrain", unit="class",
+                                         disable=not progress)]
+    if m.unconverged:
+        total = sum(m.unconverged.values())
+        which = ", ".join(f"{names[k]} ({n})" for k, n in sorted(m.unconverged.items()))
         warnings.warn(f"liblinear did not converge within max_iter={cfg.max_iter} in {total} fit(s) "
                       f"for class(es): {which}; consider raising svm.max_iter",
                       ConvergenceWarning, stacklevel=2)
-    return W, b, summary
+    return m.W, m.b, summary
 
 
 def format_summary(summary: list[dict]) -> str:

@@ -53,6 +53,31 @@ def test_rerun_resumes_finished_stages(trained, capsys):
     assert again["finetune"] == before["finetune"] and again["svm"]["digest"] != before["svm"]["digest"]
 
 
+def test_rerun_with_irrelevant_settings_redoes_nothing_and_bbox_lam_only_box_regression(trained, capsys):
+    from detector.config import load_config
+    from detector.pipeline import train
+
+    tmp, data, _ = trained
+    smoke = ROOT / "configs" / "smoke.yaml"
+    train(str(data), str(tmp / "run"), load_config(smoke), cache_root=str(tmp / "cache"), progress=False)
+    capsys.readouterr()
+    before = json.loads((tmp / "run" / "stages.json").read_text())
+    cfg = load_config(smoke, ["proposals.workers=2", "finetune.checkpoint_every=7", "features.device=cpu"])
+    train(str(data), str(tmp / "run"), cfg, cache_root=str(tmp / "cache"), progress=False)
+    out = capsys.readouterr().out
+    assert "reused: finetune, svm, bbox, model" in out
+    assert json.loads((tmp / "run" / "stages.json").read_text())["finetune"] == before["finetune"]
+    train(str(data), str(tmp / "run"), load_config(smoke, ["bbox.lam=1000.0"]), cache_root=str(tmp / "cache"),
+          progress=False)
+    out = capsys.readouterr().out
+    after = json.loads((tmp / "run" / "stages.json").read_text())
+    ran = out.split("stages run: ")[1].split(";")[0]
+    assert "bbox" in ran and "model" in ran and "finetune" not in ran and "svm" not in ran
+    assert "reused: finetune, svm" in out
+    assert after["svm"] == before["svm"] and after["bbox"]["digest"] != before["bbox"]["digest"]
+    assert cfg.classes is None, "train() works on a copy of the config"
+
+
 def test_interrupted_svm_feature_pass_resumes_per_image(trained, monkeypatch):
     import shutil
 
@@ -210,3 +235,67 @@ def test_train_tool_imports_the_stage_list_without_torch():
     code = f"import sys; sys.path.insert(0, {str(ROOT)!r}); import tools.train; print('torch' in sys.modules)"
     probe = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert probe.stdout.strip() == "False", "spawned selective-search workers re-import tools/train.py"
+
+
+MISSING = "/nonexistent/dataset"
+TOOL_CASES = [  # (tool, argv after the model/data placeholders are filled in, what the error names)
+    ("compute_proposals", ["--dataset", MISSING, "--split", "test"], "nonexistent"),
+    ("eval_proposals", ["--dataset", MISSING], "nonexistent"),
+    ("extract_features", ["--dataset", MISSING], "nonexistent"),
+    ("train", ["--dataset", MISSING, "--out", "{tmp}/r"], "nonexistent"),
+    ("train_svms", ["--dataset", MISSING, "--out", "{tmp}/r"], "nonexistent"),
+    ("test_voc", ["--model", "{model}", "--dataset", MISSING], "nonexistent"),
+    ("compute_proposals", ["--dataset", "{data}", "--set", "proposals.nope=1"], "proposals.nope"),
+    ("eval_proposals", ["--dataset", "{data}", "--set", "proposals.mode=slow"], "proposals.mode"),
+    ("extract_features", ["--dataset", "{data}", "--set", "features.scales=[8]"], "features.scales"),
+    ("train", ["--dataset", "{data}", "--out", "{tmp}/r", "--set", "svm.C=abc"], "svm.C"),
+    ("train_svms", ["--dataset", "{data}", "--out", "{tmp}/r", "--set", "finetune.enabled=false"], "svm.layer"),
+    ("test_voc", ["--model", "{model}", "--dataset", "{data}", "--set", "features.scales=[480]"], "only test"),
+    ("detect", ["{image}", "--model", "{model}", "--set", "test.nms_iou=2"], "nms_iou"),
+    ("test_voc", ["--model", "{junk}", "--dataset", "{data}"], "junk.safetensors"),
+    ("detect", ["{image}", "--model", "{junk}"], "junk.safetensors"),
+    ("test_voc", ["--model", "{tmp}", "--dataset", "{data}"], "is a folder"),
+    ("detect", ["{image}", "--model", "{tmp}/none.safetensors"], "model file not found"),
+]
+
+
+@pytest.mark.parametrize("tool,argv,names", TOOL_CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(TOOL_CASES)])
+def test_every_tool_reports_bad_input_as_one_error_line(trained, tmp_path, capsys, tool, argv, names):
+    import importlib
+
+    from detector.cli import detect_main, run_tool
+
+    _, data, model_path = trained
+    (tmp_path / "junk.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all}")
+    image = sorted((data / "JPEGImages").glob("*.jpg"))[0]
+    fill = {"tmp": str(tmp_path), "model": str(model_path), "data": str(data), "junk": str(tmp_path / "junk.safetensors"),
+            "image": str(image)}
+    main = detect_main if tool == "detect" else importlib.import_module(f"tools.{tool}").main
+    rc = run_tool(main, [a.format(**fill) for a in argv])
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert rc == 2 and len(errors) == 1 and names in errors[0], err
+    assert "Traceback" not in err
+
+
+def test_every_tool_script_goes_through_the_error_boundary():
+    import configparser
+
+    for script in sorted((ROOT / "tools").glob("*.py")):
+        text = script.read_text()
+        if "__main__" in text:
+            tail = text.split("__main__")[-1]
+            assert "run_tool(main)" in tail or "detect_cli()" in tail, script.name
+    entry = configparser.ConfigParser()
+    entry.read(ROOT / "setup.cfg")
+    for line in entry["options.entry_points"]["console_scripts"].strip().splitlines():
+        module, func = line.split("=")[1].strip().split(":")
+        assert func.endswith("_cli")  # the *_cli functions wrap their main in run_tool
+
+
+def test_a_script_prints_one_error_line_for_real():
+    import subprocess
+
+    p = subprocess.run([sys.executable, str(ROOT / "tools" / "train.py"), "--dataset", MISSING, "--out", "/tmp/x"],
+                       capture_output=True, text=True)
+    assert p.returncode == 2 and p.stderr.strip().startswith("error:") and "Traceback" not in p.stderr

@@ -24,6 +24,7 @@ from typing import Mapping, Optional, Sequence, Union
 import numpy as np
 
 from ..cache import atomic_save_npz
+from ..errors import ProposalsError
 
 NPZ_FORMAT = "spp-proposals/1"
 PathLike = Union[str, os.PathLike]
@@ -40,13 +41,13 @@ def _select(path: PathLike, found: list[str], boxes: list[np.ndarray],
     pos: dict[str, int] = {}
     for i, iid in enumerate(found):
         if iid in pos:
-            raise ValueError(f"{path}: image id {iid!r} occurs twice in the file")
+            raise ProposalsError(f"{path}: image id {iid!r} occurs twice in the file")
         pos[iid] = i
     if image_ids is None:
         return {iid: boxes[i] for iid, i in pos.items()}
     missing = [iid for iid in image_ids if iid not in pos]
     if missing:
-        raise ValueError(f"{path}: {len(missing)} of the dataset's {len(image_ids)} image ids have no "
+        raise ProposalsError(f"{path}: {len(missing)} of the dataset's {len(image_ids)} image ids have no "
                          f"proposals in the file, first: {_preview(missing)}; the file has "
                          f"{len(found)} images, first: {_preview(found)}")
     return {iid: boxes[pos[iid]] for iid in image_ids}
@@ -54,10 +55,10 @@ def _select(path: PathLike, found: list[str], boxes: list[np.ndarray],
 
 def _mat_cells(arr, path: PathLike, var: str) -> list:
     if not isinstance(arr, np.ndarray):
-        raise ValueError(f"{path}: variable '{var}' is not an array")
+        raise ProposalsError(f"{path}: variable '{var}' is not an array")
     if arr.dtype == object:
         return list(arr.ravel(order="F"))  # MATLAB cell arrays are column-major
-    raise ValueError(f"{path}: variable '{var}' should be a cell array (one entry per image), "
+    raise ProposalsError(f"{path}: variable '{var}' should be a cell array (one entry per image), "
                      f"got a {arr.dtype} array of shape {arr.shape}")
 
 
@@ -70,7 +71,7 @@ def _mat_string(x) -> str:
     if a.dtype.kind in "iuf" and a.size:  # ids stored as numbers
         v = a.ravel()[0]
         return str(int(v)) if float(v).is_integer() else str(v)
-    raise ValueError(f"cannot read an image id from {a!r}")
+    raise ProposalsError(f"cannot read an image id from {a!r}")
 
 
 def rcnn_to_xyxy(rows: np.ndarray) -> np.ndarray:
@@ -95,13 +96,13 @@ def load_rcnn_mat(path: PathLike, image_ids: Optional[Sequence[str]] = None) -> 
     try:
         mat = scipy.io.loadmat(str(path))
     except NotImplementedError as e:  # scipy's message for v7.3 (HDF5) files
-        raise ValueError(f"{path}: MATLAB v7.3 (HDF5) files are not supported; re-save it in MATLAB "
+        raise ProposalsError(f"{path}: MATLAB v7.3 (HDF5) files are not supported; re-save it in MATLAB "
                          f"with save(..., '-v7') ({e})") from e
     except (ValueError, OSError, TypeError) as e:
-        raise ValueError(f"{path}: not a readable MATLAB .mat file ({e})") from e
+        raise ProposalsError(f"{path}: not a readable MATLAB .mat file ({e})") from e
     names = sorted(k for k in mat if not k.startswith("__"))
     if "boxes" not in mat:
-        raise ValueError(f"{path}: no 'boxes' variable (found: {', '.join(names) or 'none'})")
+        raise ProposalsError(f"{path}: no 'boxes' variable (found: {', '.join(names) or 'none'})")
     cells = _mat_cells(mat["boxes"], path, "boxes")
     boxes = []
     for i, c in enumerate(cells):
@@ -110,7 +111,7 @@ def load_rcnn_mat(path: PathLike, image_ids: Optional[Sequence[str]] = None) -> 
             boxes.append(np.zeros((0, 4), np.float32))
             continue
         if a.ndim != 2 or a.shape[1] != 4 or a.dtype.kind not in "iuf":
-            raise ValueError(f"{path}: boxes entry {i + 1} should be a numeric n x 4 matrix "
+            raise ProposalsError(f"{path}: boxes entry {i + 1} should be a numeric n x 4 matrix "
                              f"(y1 x1 y2 x2), got {a.dtype} of shape {a.shape}")
         boxes.append(rcnn_to_xyxy(a))
 
@@ -122,15 +123,15 @@ def load_rcnn_mat(path: PathLike, image_ids: Optional[Sequence[str]] = None) -> 
             else:
                 found = [_mat_string(x) for x in _mat_cells(imgs, path, "images")]
         except ValueError as e:
-            raise ValueError(f"{path}: cannot read the 'images' variable ({e})") from e
+            raise ProposalsError(f"{path}: cannot read the 'images' variable ({e})") from e
         if len(found) != len(boxes):
-            raise ValueError(f"{path}: 'images' has {len(found)} entries but 'boxes' has {len(boxes)}")
+            raise ProposalsError(f"{path}: 'images' has {len(found)} entries but 'boxes' has {len(boxes)}")
         return _select(path, found, boxes, image_ids)
     if image_ids is None:
-        raise ValueError(f"{path}: the file has no 'images' variable, so give the dataset's image ids "
+        raise ProposalsError(f"{path}: the file has no 'images' variable, so give the dataset's image ids "
                          f"to match its {len(boxes)} entries by position")
     if len(image_ids) != len(boxes):
-        raise ValueError(f"{path}: the file has no 'images' variable, so its boxes can only be matched "
+        raise ProposalsError(f"{path}: the file has no 'images' variable, so its boxes can only be matched "
                          f"by position, but it has {len(boxes)} entries and the dataset has "
                          f"{len(image_ids)} images (first ids: {_preview(image_ids)})")
     return dict(zip(image_ids, boxes))
@@ -145,7 +146,7 @@ def write_proposals_npz(path: PathLike, proposals: Mapping[str, np.ndarray]) -> 
         if a.size == 0:
             a = a.reshape(0, 4)
         if a.ndim != 2 or a.shape[1] != 4:
-            raise ValueError(f"proposals of {iid!r}: expected an [n, 4] array, got shape {a.shape}")
+            raise ProposalsError(f"proposals of {iid!r}: expected an [n, 4] array, got shape {a.shape}")
         arrays.append(a)
     offsets = np.zeros(len(ids) + 1, np.int64)
     offsets[1:] = np.cumsum([len(a) for a in arrays])
@@ -163,20 +164,20 @@ def read_proposals_npz(path: PathLike, image_ids: Optional[Sequence[str]] = None
         with np.load(path, allow_pickle=False) as z:
             data = {k: z[k] for k in z.files}
     except (OSError, ValueError, EOFError) as e:
-        raise ValueError(f"{path}: not a readable .npz file ({e})") from e
+        raise ProposalsError(f"{path}: not a readable .npz file ({e})") from e
     need = {"image_ids", "offsets", "boxes"}
     if not need <= set(data):
-        raise ValueError(f"{path}: not a proposal file: needs arrays {sorted(need)}, has {sorted(data)}")
+        raise ProposalsError(f"{path}: not a proposal file: needs arrays {sorted(need)}, has {sorted(data)}")
     fmt = str(data["format"]) if "format" in data else NPZ_FORMAT
     if fmt != NPZ_FORMAT:
-        raise ValueError(f"{path}: format {fmt!r} is not {NPZ_FORMAT!r}")
+        raise ProposalsError(f"{path}: format {fmt!r} is not {NPZ_FORMAT!r}")
     ids, off, boxes = data["image_ids"].reshape(-1), data["offsets"].reshape(-1), data["boxes"]
     if (boxes.ndim != 2 or boxes.shape[1] != 4) and boxes.size:
-        raise ValueError(f"{path}: 'boxes' should be [M, 4], got shape {boxes.shape}")
+        raise ProposalsError(f"{path}: 'boxes' should be [M, 4], got shape {boxes.shape}")
     boxes = boxes.reshape(-1, 4).astype(np.float32)
     if (len(off) != len(ids) + 1 or off.dtype.kind not in "iu" or (len(off) and off[0] != 0)
             or np.any(np.diff(off) < 0) or off[-1] != len(boxes)):
-        raise ValueError(f"{path}: 'offsets' must be {len(ids) + 1} non-decreasing integers from 0 to "
+        raise ProposalsError(f"{path}: 'offsets' must be {len(ids) + 1} non-decreasing integers from 0 to "
                          f"{len(boxes)} (the number of boxes)")
     found = [str(i) for i in ids]
     per = [boxes[off[i]:off[i + 1]] for i in range(len(found))]
@@ -190,4 +191,4 @@ def load_proposals(path: PathLike, image_ids: Optional[Sequence[str]] = None) ->
         return load_rcnn_mat(path, image_ids)
     if suffix == ".npz":
         return read_proposals_npz(path, image_ids)
-    raise ValueError(f"{path}: unknown proposal file type {suffix!r}; expected .mat (R-CNN) or .npz (ours)")
+    raise ProposalsError(f"{path}: unknown proposal file type {suffix!r}; expected .mat (R-CNN) or .npz (ours)")

@@ -22,6 +22,7 @@ import numpy as np
 
 from ..cache import atomic_save_npz, atomic_write_json, file_digest, load_npz, params_digest
 from ..datasets.records import ImageRecord
+from ..errors import DatasetError, ProposalsError
 from ..images import ImageError
 from . import search as _ss
 
@@ -142,7 +143,7 @@ def _items(records_or_image_paths: Iterable) -> list[tuple[str, str]]:
             path = str(it)
             iid = Path(path).stem
         if iid in seen:
-            raise ValueError(f"image id {iid!r} occurs twice ({seen[iid]} and {path}); ids must be unique")
+            raise DatasetError(f"image id {iid!r} occurs twice ({seen[iid]} and {path}); ids must be unique")
         seen[iid] = path
         items.append((iid, path))
     return items
@@ -278,5 +279,5 @@ def proposals_for(records: Sequence[ImageRecord], proposals: dict) -> list[np.nd
     """Proposal arrays in record order; a clear error names the first records without any entry."""
     missing = [r.image_id for r in records if r.image_id not in proposals]
     if missing:
-        raise KeyError(f"no proposals for {len(missing)} of {len(records)} images, e.g. {missing[:5]}")
+        raise ProposalsError(f"no proposals for {len(missing)} of {len(records)} images, first: {missing[:5]}")
     return [np.asarray(proposals[r.image_id], np.float32).reshape(-1, 4) for r in records]

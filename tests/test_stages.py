@@ -1,0 +1,54 @@
+"""Stage digests: each stage reruns exactly when something its result depends on changes."""
+import dataclasses
+
+import pytest
+
+from detector.config import load_config
+from detector.stages import IRRELEVANT, STAGES, stage_digests
+
+
+def digests(*overrides):
+    return stage_digests(load_config(None, list(overrides)), "data", "features")
+
+
+def changed(*overrides):
+    a, b = digests(), digests(*overrides)
+    return {k for k in a if a[k] != b[k]}
+
+
+@pytest.mark.parametrize("item", ["proposals.workers=3", "features.device=cpu", "finetune.checkpoint_every=7",
+                                  "backbone.download=true"])
+def test_settings_that_change_no_result_change_no_digest(item):
+    assert changed(item) == set()
+
+
+def test_irrelevant_list_names_real_fields():
+    from detector.config import Config
+
+    cfg = Config()
+    for section, key in IRRELEVANT:
+        assert key in {f.name for f in dataclasses.fields(getattr(cfg, section))}
+
+
+@pytest.mark.parametrize("item,expected", [
+    ("bbox.lam=1000.0", {"bbox", "model"}),
+    ("bbox.iou_thresh=0.6", {"bbox_rows", "bbox", "model"}),
+    ("svm.C=0.01", {"svm", "model"}),
+    ("svm.layer=fc6", {"svm_rows", "svm", "model"}),
+    ("test.nms_iou=0.4", {"model"}),
+    ("finetune.lr=0.01", {"finetune", "svm_rows", "svm", "model"}),
+    ("proposals.top_k=500", {"proposals", "finetune", "svm_rows", "svm", "bbox_rows", "bbox", "model"}),
+    ("spp.levels=[1,2,4]", {"finetune", "svm_rows", "svm", "bbox_rows", "bbox", "model"}),
+])
+def test_a_change_reaches_its_stage_and_everything_downstream_only(item, expected):
+    assert changed(item) == expected
+
+
+def test_data_and_feature_changes_reach_every_trained_stage():
+    a = stage_digests(load_config(None), "data", "features")
+    b = stage_digests(load_config(None), "other data", "features")
+    c = stage_digests(load_config(None), "data", "other features")
+    trained = {"finetune", "svm_rows", "svm", "bbox_rows", "bbox", "model"}
+    assert {k for k in a if a[k] != b[k]} == trained
+    assert {k for k in a if a[k] != c[k]} == trained | {"features"}
+    assert set(STAGES) <= set(a)
