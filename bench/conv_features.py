@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Conv feature time per image (1 scale and SPEC's 5 scales) and cache size per image per scale,
+"""Conv feature time per image (1 scale and the paper's 5 scales) and cache size per image per scale,
 for the EfficientNet-Lite0 cuts, on a VOC dataset's images.
 
   python bench/conv_features.py [--dataset ../shared/datasets/BCCD] [--images 12]

@@ -32,7 +32,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     print(f"# {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
           f"torch {torch.__version__}, {time.strftime('%Y-%m-%d')}")
-    cases = [("256x64x64 (SPEC: ZF-5 conv5, 1024 px image)", (256, 64, 64), 40),
+    cases = [("256x64x64 (ZF-5 conv5, 1024 px image)", (256, 64, 64), 40),
              ("112x43x58 (EfficientNet-Lite0 s16, BCCD at 688)", (112, 43, 58), 30)]
     print(f"{'map':<50} {'table s':>9} {'roi_pool s':>11} {'speed-up':>9}  identical")
     for name, (C, H, W), side in cases:

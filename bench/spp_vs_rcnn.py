@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""SPP-net against an R-CNN-style baseline built from the same model (SPEC §10's comparison).
+"""SPP-net against an R-CNN-style baseline built from the same model (the paper's Table 10 comparison).
 
 Both methods share the backbone, the proposals, the fine-tuned fc layers and the SVM
 training recipe; only the way a window becomes a pool5 vector differs:
@@ -18,7 +18,7 @@ SVMs: for like-with-like mAPs both methods' SVMs are trained here, the library's
 (`detector.svm.train_svms` with the model's `svm` config, norm-20 rescaling recomputed per
 method), on the same training subset (the first --train-images of --train-split sorted by
 id; GT boxes plus the top --train-proposals cached proposals of each image).  Test: the
-first --test-images of --split sorted by id, the model's proposals (top_k), SPEC §7's
+first --test-images of --split sorted by id, the model's proposals (top_k), the test
 post-processing without box regression for both.  The full model's own SVMs are scored on
 the same images for reference.
 
@@ -85,7 +85,7 @@ def _sync(device: torch.device) -> None:
 
 def whole_map_spp(fmap: torch.Tensor, levels) -> torch.Tensor:
     """SPP of each whole map of a batch [B, C, h, w] -> [B, C * sum(n*n)], in one roi_pool call per
-    level for the whole batch: the op `detector.spp` uses, with SPEC §3's bins and layout
+    level for the whole batch: the op `detector.spp` uses, with the paper's bins and layout
     (`check_whole_map_spp` compares it with `spatial_pyramid_pool`)."""
     B, _, h, w = fmap.shape
     rois = torch.tensor([[b, 0, 0, w - 1, h - 1] for b in range(B)], dtype=fmap.dtype, device=fmap.device)

@@ -8,7 +8,7 @@ feature map:
 - `stride`: total stride S of the trunk;
 - `offset`: the 0-based pixel index whose centre is the receptive-field
   centre of feature cell 0, so cell j is centred on pixel `offset + S*j`
-  (ZF-5: 20, i.e. SPEC's 1-based `16*j + 21`);
+  (ZF-5: 20, i.e. the release's 1-based `16*j + 21`);
 - `channels`, `size_divisor` (inputs are padded bottom/right to a multiple of
   it: TF-style 'same' padding then stays fixed, so `offset` does not depend on
   the image size), and the input normalisation.
@@ -167,7 +167,7 @@ def efficientnet_lite0(weights: Optional[str] = None, random_init: bool = False,
     result against an independent implementation that loads by name.
 
     Cut: `stride16` keeps blocks 0-4 (112 channels), `stride32` blocks 0-6
-    (320 channels).  stride16 is the default: SPEC's 6x6 pyramid level needs
+    (320 channels).  stride16 is the default: the 6x6 pyramid level needs
     windows several cells wide, and BCCD's ~100 px cells span ~9 cells at
     stride 16 against ~4 at stride 32 (README, "Choices and measurements").
     """
@@ -216,9 +216,9 @@ def load_by_order(model: nn.Module, sd: dict, what: str, source: str) -> None:
 
 
 class ZF5(nn.Module):
-    """ZF-5 as used by SPP-net (SPEC §1): conv1 7x7/2 (pad 1), LRN, pool 3x3/2 (ceil),
+    """ZF-5 as used by SPP-net (paper section 4.1; Zeiler and Fergus's 'fast' net): conv1 7x7/2 (pad 1), LRN, pool 3x3/2 (ceil),
     conv2 5x5/2 (no pad), LRN, pool 3x3/2 (ceil), conv3-5 3x3/1 (pad 1); conv5 has 256 channels.
-    This padding is what puts cell j's centre on 1-based pixel 16*j + 21 (SPEC §2)."""
+    This padding is what puts cell j's centre on 1-based pixel 16*j + 21, as in the release."""
 
     def __init__(self):
         super().__init__()
@@ -259,7 +259,7 @@ def zf5(weights: Optional[str] = None, random_init: bool = False, **_) -> Backbo
         weights_id = file_digest(weights)
     net.eval()
     stride, offset = geometry_from_layers(net.modules())
-    # Caffe ZF-5: BGR minus a constant 128 (SPEC §1), no division.
+    # Caffe ZF-5: BGR minus a constant 128 (paper appendix A: mean subtraction), no division.
     return Backbone("zf5", net, stride, offset, 256, size_divisor=1, mean=(128.0,) * 3, std=(1.0,) * 3,
                     bgr=True, weights_id=weights_id)
 

@@ -1,4 +1,4 @@
-"""Bounding-box regression (SPEC §6, R-CNN's `rcnn_train_bbox_regressor.m`).
+"""Bounding-box regression (paper section 4.1, following R-CNN's `rcnn_train_bbox_regressor.m`).
 
 Targets use our continuous box convention (w = x2 - x1, cx = x1 + w/2):
 tx = (gcx - cx)/w, ty = (gcy - cy)/h, tw = log(gw/w), th = log(gh/h).

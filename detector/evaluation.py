@@ -1,4 +1,4 @@
-"""Detection evaluation: PASCAL VOC devkit AP (SPEC §8) and COCO metrics, as pure functions on arrays.
+"""Detection evaluation: PASCAL VOC devkit AP (docs/design.md, "Evaluation") and COCO metrics, as pure functions on arrays.
 
 VOC (`eval_detection_voc`, `calc_detection_voc_prec_rec`, `calc_detection_voc_ap`) follows the
 devkit's `VOCevaldet.m` / `VOCap.m`; the call signature is chainercv's.  It is written by hand

@@ -1,4 +1,4 @@
-"""Conv features, computed once per image per scale, and their cache (SPEC §1).
+"""Conv features, computed once per image per scale, and their cache (paper section 4.1).
 
 The image is resized (bilinear) so its shorter side equals each scale `s`,
 capped so the longer side stays within `max_size`, normalised the backbone's

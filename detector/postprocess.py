@@ -1,4 +1,5 @@
-"""Test-time post-processing of SVM scores into detections (SPEC §7).
+"""Test-time post-processing of SVM scores into detections (the release's test procedure;
+docs/design.md, "Test").
 
 Steps, as the original:
   1. keep, per class, the proposals scoring above the threshold (strictly);
@@ -134,7 +135,7 @@ def postprocess(boxes: np.ndarray, scores: np.ndarray, image_size: tuple[int, in
                 score_thresh: Union[float, Sequence[float], np.ndarray] = -1.5, nms_iou: float = 0.3,
                 max_per_image: Optional[int] = 100, regressor: Regressor = None,
                 second_nms: bool = True) -> dict[str, np.ndarray]:
-    """SPEC §7 from proposal boxes [M, 4] and SVM scores [M, K] to final detections.
+    """The whole test procedure from proposal boxes [M, 4] and SVM scores [M, K] to final detections.
 
     regressor: None (no box regression); a callable (indices, labels) -> refined
     boxes [n, 4] for the kept proposal rows and their classes; or deltas

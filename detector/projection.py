@@ -1,4 +1,4 @@
-"""Image windows -> feature-map cells (SPEC §2), and the per-window scale choice.
+"""Image windows -> feature-map cells (paper appendix A), and the per-window scale choice.
 
 Boxes are in our continuous pixel convention (`detector/datasets/records.py`):
 a box covers pixels x1 .. x2-1, whose centres are x1+0.5 and x2-0.5.  A

@@ -46,7 +46,7 @@ def test_geometry_matches_receptive_field(name, kw, size):
 def test_zf5_cell_centre_is_spec_16j_plus_21():
     with pytest.warns(UserWarning, match="RANDOM"):
         bb = B.zf5(random_init=True)
-    assert bb.stride == 16 and bb.offset + 1 == 21  # SPEC §2: 1-based pixel 16*j + 21
+    assert bb.stride == 16 and bb.offset + 1 == 21  # the release: 1-based pixel 16*j + 21
 
 
 def test_single_pixel_impulse_reaches_the_cells_geometry_predicts():

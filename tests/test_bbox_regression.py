@@ -1,4 +1,4 @@
-"""Bounding-box regression (detector/bbox_regression.py, SPEC §6)."""
+"""Bounding-box regression (detector/bbox_regression.py)."""
 from __future__ import annotations
 
 import math

@@ -91,7 +91,10 @@ def test_features_are_the_trunk_on_the_resized_normalised_zero_padded_image(back
 def test_tiny_image_is_padded_not_rejected(backbone):
     fx = FeatureExtractor(backbone, [32], device="cpu")
     out = fx(np.zeros((3, 500, 3), np.uint8))  # long thin image: capped, then padded
-    assert out[0].features.shape[1] >= 1
+    # shorter side 3 -> 32 would make the longer 5333 > max_size 2000: factor 2000/500 = 4 -> 12 x 2000,
+    # padded to MIN_INPUT (64) rows and a multiple of 16 columns, so 4 x 125 cells at stride 16
+    assert out[0].factor == 4.0 and out[0].image_size == (500, 3)
+    assert tuple(out[0].features.shape[1:]) == (64 // 16, 2000 // 16)
 
 
 def test_cache_is_keyed_atomic_and_resumable(tmp_path, backbone):

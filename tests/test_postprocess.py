@@ -1,4 +1,4 @@
-"""Test-time post-processing (detector/postprocess.py, SPEC §7) against a naive reference."""
+"""Test-time post-processing (detector/postprocess.py) against a naive reference."""
 from __future__ import annotations
 
 import numpy as np
@@ -25,7 +25,7 @@ def _greedy_nms(dets, boxes_of, thr):
 
 
 def _reference(boxes, scores, size, thresh, nms_iou, max_per_image, refine, second_nms=True):
-    """SPEC §7 with loops; refine(index, label) -> box."""
+    """The test procedure with loops; refine(index, label) -> box."""
     key = lambda d: (-d[0], d[1], d[2])  # noqa: E731
     m, k = scores.shape
     thr = np.broadcast_to(np.asarray(thresh, float), (k,))

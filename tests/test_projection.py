@@ -1,4 +1,4 @@
-"""Window projection (SPEC §2) against the formulas written literally, and the scale choice."""
+"""Window projection (paper appendix A and the release) against the formulas written literally, and the scale choice."""
 import math
 
 import numpy as np
@@ -8,7 +8,7 @@ from detector.projection import check_boxes, choose_scales, project_boxes, resiz
 
 
 def spec_zf5_code_rule(x1_1b, y1_1b, x2_1b, y2_1b, map_w, map_h):
-    """SPEC §2 'code's projection for ZF-5', verbatim on 1-based inclusive pixels."""
+    """The release's projection for ZF-5, verbatim on 1-based inclusive pixels."""
     def lo(v):
         return math.floor((v - 21 + 6.5) / 16 + 0.5)
 
@@ -35,17 +35,33 @@ def test_code_rule_equals_spec_formula_for_zf5():
     assert got.tolist() == want
 
 
+def _paper_rule_naive(lo_px: float, hi_px: float, stride: int, offset: float, n: int) -> tuple[int, int]:
+    """The appendix, on one axis: the first and last cell whose centre lies inside the box's
+    pixel centres; none inside -> the midpoint of the two rounded edges; clamped to the map."""
+    centres = offset + 0.5 + stride * np.arange(n)
+    inside = np.nonzero((centres > lo_px + 0.5) & (centres < hi_px - 0.5))[0]
+    if len(inside):
+        return int(inside[0]), int(inside[-1])
+    a = math.floor((lo_px + 0.5 - offset - 0.5) / stride) + 1
+    b = math.ceil((hi_px - 0.5 - offset - 0.5) / stride) - 1
+    if a > b:
+        a = b = (a + b) // 2
+    return min(max(a, 0), n - 1), min(max(b, 0), n - 1)
+
+
 def test_paper_rule_is_cells_whose_centres_lie_inside():
     rng = np.random.default_rng(1)
-    stride, offset, mh, mw = 16, 7.5, 40, 40
-    boxes = rng.uniform(0, 600, (300, 2))
-    boxes = np.concatenate([boxes, boxes + rng.uniform(40, 200, (300, 2))], 1).clip(0, 640)
+    stride, offset, mh, mw = 16, 7.5, 30, 40
+    xy = rng.uniform(0, 600, (300, 2)) * [1, 0.75]
+    boxes = np.concatenate([xy, xy + rng.uniform(2, 200, (300, 2))], 1).clip(0, [640, 480, 640, 480])
     got = project_boxes(boxes, 1.0, stride, offset, (mh, mw), "paper")
+    n_inside = 0
     for b, g in zip(boxes, got):
-        centres = offset + 0.5 + stride * np.arange(mw)
-        inside = np.nonzero((centres > b[0] + 0.5) & (centres < b[2] - 0.5))[0]
-        if len(inside):
-            assert g[0] == inside[0] and g[2] == inside[-1]
+        x = _paper_rule_naive(b[0], b[2], stride, offset, mw)
+        y = _paper_rule_naive(b[1], b[3], stride, offset, mh)
+        assert [x[0], y[0], x[1], y[1]] == g.tolist(), b
+        n_inside += x[0] < x[1]
+    assert 100 < n_inside < 300  # both the ordinary and the collapsed case occur
 
 
 def test_collapsed_window_takes_midpoint_and_clamps():

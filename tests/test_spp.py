@@ -1,4 +1,4 @@
-"""SPP against a naive per-window loop written from SPEC §3's bin rule."""
+"""SPP against a naive per-window loop written from the paper's bin rule (appendix A)."""
 import math
 
 import pytest
@@ -72,8 +72,8 @@ def test_other_levels_and_float16_input():
 
 
 @pytest.mark.parametrize("levels", [(3, 6, 2, 1), (5, 2, 10, 4), (8, 4, 2, 1, 7), (2, 2, 4)])
-def test_table_derives_coarse_levels_from_finer_ones_exactly(levels):
-    # levels that divide a finer one are built from its bins, in any order, with levels that do not
+def test_table_handles_any_level_list_in_any_order(levels):
+    # unsorted, repeated and non-dividing levels, windows on every border and single cells
     g = torch.Generator().manual_seed(3)
     f = torch.randn(5, 26, 31, generator=g)
     win = torch.cat([random_windows(g, 26, 31, 120), torch.tensor([[0, 0, 30, 25], [4, 7, 4, 7], [0, 25, 30, 25]])])

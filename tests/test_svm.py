@@ -1,4 +1,4 @@
-"""Per-class SVMs with hard-negative mining (detector/svm.py, SPEC §5)."""
+"""Per-class SVMs with hard-negative mining (detector/svm.py, R-CNN's rules as SPP-net used them)."""
 from __future__ import annotations
 
 import warnings
