@@ -67,7 +67,6 @@ def main(argv=None) -> int:
     import torch
 
     import detector
-    from detector.config import apply_test_overrides
     from detector.images import load_image
     from detector.datasets import load_dataset
     from detector.timing import StageTimer
@@ -80,7 +79,7 @@ def main(argv=None) -> int:
         cv2.setNumThreads(args.search_threads)
     common.print_header("detect() per-stage times")
     model = detector.load(args.model)
-    apply_test_overrides(model.cfg, args.overrides)
+    model.configure_test(args.overrides)
     if args.scales:
         set_scales(model, common.parse_int_list(args.scales, "--scales"))
     scales = model.extractor.scales

@@ -13,6 +13,7 @@ import io
 import json
 import os
 import tempfile
+import threading
 import zipfile
 from pathlib import Path
 from typing import Any, Mapping
@@ -20,6 +21,7 @@ from typing import Any, Mapping
 import numpy as np
 
 _CHUNK = 1 << 20
+_UMASK_LOCK = threading.Lock()
 
 
 def file_digest(path: str | os.PathLike, length: int = 16) -> str:
@@ -37,11 +39,30 @@ def params_digest(params: Mapping[str, Any], length: int = 12) -> str:
     return hashlib.sha1(blob).hexdigest()[:length]
 
 
+def current_umask() -> int:
+    """The process umask, read without changing it where the OS allows (Linux), else set and restored."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    with _UMASK_LOCK:
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write to a temporary file beside `path`, then rename it into place.  The file gets the
+    mode a plain open() would give (0666 minus the umask), not mkstemp's private 0600, so
+    models and caches can be shared with other users and services."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~current_umask())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

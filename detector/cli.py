@@ -1,38 +1,63 @@
-"""Console entry points (installed by setup.cfg)."""
+"""Console entry points (installed by setup.cfg) and the tools' error boundary."""
 import argparse
+import os
 import sys
+import warnings
 from pathlib import Path
 
 DETECT_DOC = """Detect objects in images with a trained model; print them and write PNGs with boxes.
 
   spp-detect --model data/runs/demo/model.safetensors image1.jpg [image2.png ...] --out data/detections
+
+Each drawn PNG mirrors its image's path relative to the folder all inputs share, so a/x.jpg
+and b/x.jpg become OUT/a/x.png and OUT/b/x.png.  An image that cannot be read is reported on
+one line and skipped; the others are still processed.  Exit status: 0 when every image was
+processed, 1 when some could not be (the last line says how many), 2 for bad input before
+any image (model file, --set).
 """
+
+
+def output_paths(images: list[str], out_dir: Path, suffix: str = ".png") -> list[Path]:
+    """One output path per input, unique for distinct inputs: the input's path relative to the
+    inputs' common folder, under out_dir, with `suffix`."""
+    parents = [os.path.dirname(os.path.abspath(p)) for p in images]
+    root = os.path.commonpath(parents) if parents else ""
+    return [out_dir / Path(os.path.relpath(os.path.abspath(p), root)).with_suffix(suffix) for p in images]
 
 
 def detect_main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=DETECT_DOC, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("images", nargs="+")
     ap.add_argument("--model", required=True)
-    ap.add_argument("--out", default="data/detections", help="folder for the drawn PNGs")
+    ap.add_argument("--out", default="data/detections", help="folder for the drawn PNGs (input paths mirrored)")
     ap.add_argument("--thresh", type=float, default=0.0, help="print and draw detections scoring above this")
     ap.add_argument("--set", dest="overrides", nargs="+", default=[], metavar="test.KEY=VALUE",
                     help="test-time settings, e.g. --set test.max_per_image=50 (after the images)")
     args = ap.parse_args(argv)
 
     import detector
-    from detector.config import apply_test_overrides
+    from detector.errors import InputError
     from detector.visualize import save_detections
 
     model = detector.load(args.model)
-    apply_test_overrides(model.cfg, args.overrides)
-    for path in args.images:
-        res = model.detect(path)
+    model.configure_test(args.overrides)
+    failed = []
+    for path, png in zip(args.images, output_paths(args.images, Path(args.out))):
+        try:
+            res = model.detect(path)
+        except InputError as e:  # one bad image must not stop the rest
+            print(f"error: {e}; skipped", file=sys.stderr)
+            failed.append(path)
+            continue
         keep = res["scores"] >= args.thresh
         print(f"{path}: {int(keep.sum())} detections (score >= {args.thresh})")
-        for b, s, n in zip(res["boxes"][keep], res["scores"][keep], [n for n, k in zip(res["label_names"], keep) if k]):
+        names = [n for n, k in zip(res["label_names"], keep) if k]
+        for b, s, n in zip(res["boxes"][keep], res["scores"][keep], names):
             print(f"  {n:<16} {s:7.3f}  [{b[0]:.1f}, {b[1]:.1f}, {b[2]:.1f}, {b[3]:.1f}]")
-        png = save_detections(path, res, Path(args.out) / (Path(path).stem + ".png"), args.thresh)
-        print(f"  drawn: {png}")
+        print(f"  drawn: {save_detections(path, res, png, args.thresh)}")
+    if failed:
+        print(f"{len(failed)} of {len(args.images)} images failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -40,12 +65,19 @@ def detect_cli() -> int:
     return run_tool(detect_main)
 
 
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    kind = "" if category is UserWarning else f" ({category.__name__})"
+    return f"warning{kind}: {message}\n"
+
+
 def run_tool(main, argv=None) -> int:
     """Run a tool's main(); bad input (detector.errors.InputError: config, dataset, image,
     weights, model file) prints one line naming the problem and exits with 2, no traceback.
-    So does a missing file: the tools' paths come from the user."""
+    So does a missing file: the tools' paths come from the user.  Warnings print as one line
+    each, without the source line that raised them."""
     from .errors import InputError
 
+    warnings.formatwarning = _one_line_warning
     try:
         return main(argv)
     except (InputError, FileNotFoundError) as e:

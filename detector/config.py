@@ -15,7 +15,7 @@ import dataclasses
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import yaml
 
@@ -103,7 +103,9 @@ class BBoxConfig:
 
 @dataclass
 class TestConfig:
-    score_thresh: float = -1.5
+    # One number for every class, a list with one per class, or a mapping {class name: number}
+    # in which "*" sets the classes it does not name (default -1.5).  See postprocess.class_thresholds.
+    score_thresh: Union[float, list, dict] = -1.5
     nms_iou: float = 0.3
     max_per_image: int = 100
     second_nms: bool = True
@@ -131,11 +133,16 @@ class Config:
 
 def _check_value(value: Any, tp: Any, key: str) -> Any:
     origin = typing.get_origin(tp)
-    if origin is typing.Union:  # Optional[X]
+    if origin is typing.Union:  # Optional[X], or one of several types: the first that fits
         args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if value is None:
+        if value is None and len(args) < len(typing.get_args(tp)):
             return None
-        return _check_value(value, args[0], key)
+        for a in args[:-1]:
+            try:
+                return _check_value(value, a, key)
+            except ConfigError:
+                pass
+        return _check_value(value, args[-1], key)
     if tp is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{key}: expected true/false, got {value!r}")
@@ -151,6 +158,10 @@ def _check_value(value: Any, tp: Any, key: str) -> Any:
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    if tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
         return value
     if tp is list or origin is list:
         if isinstance(value, tuple):
@@ -295,6 +306,12 @@ def validate(cfg: Config) -> None:
     _check(0 < bb.iou_thresh < 1 and bb.lam > 0, f"bbox: need 0 < iou_thresh < 1 and lam > 0, "
                                                  f"got {bb.iou_thresh} and {bb.lam}")
     _check(0 < t.nms_iou <= 1, f"test.nms_iou must be in (0, 1], got {t.nms_iou}")
+    thr = t.score_thresh
+    values = thr if isinstance(thr, list) else list(thr.values()) if isinstance(thr, dict) else [thr]
+    _check(bool(values) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+           and (not isinstance(thr, dict) or all(isinstance(k, str) for k in thr)),
+           f"test.score_thresh must be a number, a list of numbers (one per class) or a mapping "
+           f"{{class name: number}}, got {thr!r}")
     _check(t.max_per_image >= 1, f"test.max_per_image must be >= 1, got {t.max_per_image}")
     if cfg.classes is not None:
         _check(all(isinstance(c, str) and c for c in cfg.classes) and len(set(cfg.classes)) == len(cfg.classes),

@@ -55,6 +55,11 @@ def norm_scale(sample, target: float = 20.0, what: str = "features") -> float:
     return float(target) / mean_norm
 
 
+def layer_dim(layer: str, pool5_dim: int, fc_dims) -> int:
+    """Length of the features at `layer` (pool5, fc6 or fc7)."""
+    return pool5_dim if layer == "pool5" else int(fc_dims[0 if layer == "fc6" else 1])
+
+
 class WindowEmbedder:
     """Boxes on an image's conv maps -> scaled SPP vectors (pool5) -> classifier features."""
 
@@ -83,9 +88,7 @@ class WindowEmbedder:
     @property
     def feature_dim(self) -> int:
         """Length of `embed()`'s vectors."""
-        if self.layer == "pool5":
-            return self.pool5_dim
-        return self.head.fc_dims[0 if self.layer == "fc6" else 1]
+        return layer_dim(self.layer, self.pool5_dim, None if self.head is None else self.head.fc_dims)
 
     def windows(self, feats: Sequence[ScaleFeatures], boxes: np.ndarray, scale_index: Optional[np.ndarray] = None,
                 name: str = "boxes") -> np.ndarray:

@@ -205,6 +205,8 @@ def extract_all(paths: Sequence[str], cache: FeatureCache, shard: tuple[int, int
                 cache.get(p, f)
             stats["computed"] += 1
         except (ImageError, OSError) as e:
-            log.warning("skipping %s: %s", p, e)
-            stats["failed"].append((p, str(e)))
+            why = str(e)
+            why = why[len(p) + 2:] if why.startswith(p + ": ") else why  # ImageError names the file already
+            log.warning("%s: %s; skipped", p, why)
+            stats["failed"].append((p, why))
     return stats

@@ -30,6 +30,17 @@ class FCHead(nn.Module):
         nn.init.normal_(self.fc8.weight, 0.0, 0.01)
         nn.init.zeros_(self.fc8.bias)
 
+    @staticmethod
+    def expected_state(in_dim: int, fc_dims: Sequence[int], num_classes: int, prefix: str = "") -> dict:
+        """(shape, dtype) of each state-dict tensor, without building the layers (a damaged
+        model file must not make us allocate whatever sizes it claims)."""
+        dims = [int(in_dim), int(fc_dims[0]), int(fc_dims[1]), int(num_classes) + 1]
+        out = {}
+        for name, (i, o) in zip(("fc6", "fc7", "fc8"), zip(dims, dims[1:])):
+            out[f"{prefix}{name}.weight"] = ((o, i), torch.float32)
+            out[f"{prefix}{name}.bias"] = ((o,), torch.float32)
+        return out
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.drop(torch.relu(self.fc6(x)))
         x = self.drop(torch.relu(self.fc7(x)))

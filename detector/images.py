@@ -70,6 +70,8 @@ def load_image(image, name: str | None = None) -> np.ndarray:
     if isinstance(image, (str, os.PathLike)):
         path = Path(image)
         label = name or str(path)
+        if path.is_dir():
+            raise ImageError(f"{label}: is a folder, not an image file")
         if not path.is_file():
             raise ImageError(f"{label}: image file not found")
         try:
@@ -79,7 +81,7 @@ def load_image(image, name: str | None = None) -> np.ndarray:
         except ImageError:
             raise
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-            raise ImageError(f"{label}: cannot read image ({e})") from e
+            raise ImageError(f"{label}: cannot read image ({_without_path(e, path)})") from e
     if isinstance(image, Image.Image):
         return _pil_to_array(image, name or "<PIL image>")
     if isinstance(image, np.ndarray):
@@ -94,4 +96,12 @@ def image_size(path: str | os.PathLike) -> tuple[int, int]:
         with Image.open(path) as im:
             return im.size
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise ImageError(f"{path}: cannot read image ({e})") from e
+        raise ImageError(f"{path}: cannot read image ({_without_path(e, path)})") from e
+
+
+def _without_path(error: Exception, path) -> str:
+    """PIL's message without the file name it repeats (ours already starts with it)."""
+    text = str(error)
+    for form in (repr(str(path)), str(path)):
+        text = text.replace(" " + form, "").replace(form, "")
+    return text.strip() or type(error).__name__

@@ -18,15 +18,15 @@ import torch
 
 from .backbones import Backbone, build_backbone
 from .bbox_regression import BoxRegressor
-from .config import Config
-from .embedder import WindowEmbedder
+from .config import Config, apply_test_overrides
+from .embedder import WindowEmbedder, layer_dim
 from .errors import ModelFormatError
 from .model_file import (check_tensors, expected_state, positive_scalar, read_class_names, read_config,
                          read_model_file, require, write_model_file)
 from .features import FeatureExtractor, ScaleFeatures
 from .heads import FCHead
 from .images import load_image
-from .postprocess import finalize_detections, select_detections
+from .postprocess import class_thresholds, finalize_detections, select_detections
 from .projection import check_boxes
 from .timing import NO_TIMER, StageTimer
 
@@ -58,6 +58,12 @@ class SPPDetector:
             raise ModelFormatError(f"SVM weights have shape {self.svm_W.shape}, which does not fit the "
                                    f"{embedder.layer} features and {len(self.class_names)} classes")
 
+    def configure_test(self, overrides: Sequence[str]) -> None:
+        """Apply `--set test.KEY=VALUE` items (only test settings can change for a trained model)
+        and check them against this model's classes, so a bad threshold fails before any work."""
+        apply_test_overrides(self.cfg, list(overrides))
+        class_thresholds(self.cfg.test.score_thresh, self.class_names)
+
     @property
     def backbone(self) -> Backbone:
         return self.embedder.backbone
@@ -74,14 +80,15 @@ class SPPDetector:
 
     @torch.inference_mode()
     def detect(self, image, proposals: Optional[np.ndarray] = None,
-               score_thresh: Union[None, float, Sequence[float]] = None, nms_iou: Optional[float] = None,
+               score_thresh: Union[None, float, Sequence[float], dict] = None, nms_iou: Optional[float] = None,
                max_per_image: Optional[int] = None, box_regression: bool = True,
                features: Optional[Sequence[ScaleFeatures]] = None, timer: StageTimer = NO_TIMER) -> dict:
         """Detect objects in one image.
 
         image: a path, a PIL image, or an HxWx3 uint8 array in **RGB** order.
         proposals: optional [N, 4] boxes (x1, y1, x2, y2, pixels); selective search otherwise.
-        Thresholds default to the config's `test` section; score_thresh may be per class.
+        Thresholds default to the config's `test` section.  score_thresh: one number, a list
+        with one per class, or {class name: number} with "*" for the classes not named.
         timer: an optional `detector.timing.StageTimer` that records each stage's time.
         Returns dict(boxes float32 [n, 4] x1 y1 x2 y2 in pixels, scores float32 [n],
         labels int64 [n] (indices into label_names), label_names list[str] [n]).
@@ -107,8 +114,9 @@ class SPPDetector:
         timer.lap("svm")
         tc = self.cfg.test
         nms_iou = tc.nms_iou if nms_iou is None else nms_iou
-        sel = select_detections(proposals, scores, tc.score_thresh if score_thresh is None else score_thresh,
-                                nms_iou, tc.max_per_image if max_per_image is None else max_per_image)
+        thr = class_thresholds(tc.score_thresh if score_thresh is None else score_thresh, self.class_names)
+        sel = select_detections(proposals, scores, thr, nms_iou, tc.max_per_image if max_per_image is None
+                                else max_per_image)
         timer.lap("nms")
         kept = proposals[sel.indices]
         if box_regression and self.regressor is not None and len(sel):
@@ -134,8 +142,7 @@ class SPPDetector:
         if self.regressor is not None:
             tensors.update({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in self.regressor.to_arrays().items()})
         meta = {"config": self.cfg.to_dict(), "class_names": self.class_names,
-                "backbone": {"name": bb.name, "weights_id": bb.weights_id, **bb.geometry()},
-                "head": None if emb.head is None else {"in_dim": emb.head.in_dim, "fc_dims": emb.head.fc_dims}}
+                "backbone": {"name": bb.name, "weights_id": bb.weights_id, **bb.geometry()}}
         write_model_file(path, FORMAT, FORMAT_VERSION, meta, tensors)
 
     @classmethod
@@ -149,18 +156,19 @@ class SPPDetector:
         backbone = build_backbone(cfg.backbone, pretrained=False)
         pool5_dim = WindowEmbedder.from_config(cfg, backbone).pool5_dim
         expected = expected_state("trunk.", backbone.trunk)
-        head = None
         if cfg.finetune.enabled:
-            head = FCHead(pool5_dim, cfg.finetune.fc_dims, K, cfg.finetune.dropout)
-            expected.update(expected_state("head.", head))
-        embedder = WindowEmbedder.from_config(cfg, backbone, head)
-        D = embedder.feature_dim
+            expected.update(FCHead.expected_state(pool5_dim, cfg.finetune.fc_dims, K, "head."))
+        D = layer_dim(cfg.svm.layer if cfg.finetune.enabled else "pool5", pool5_dim, cfg.finetune.fc_dims)
         expected.update({"svm_W": ((D, K), torch.float32), "svm_b": ((K,), torch.float32),
                          "pool5_scale": ((1,), torch.float64), "svm_scale": ((1,), torch.float64)})
         if any(k.startswith("bbox_") for k in tensors):
             expected.update({f"bbox_{k}": (shape, dtype) for k, (shape, dtype) in
                              BoxRegressor.expected_arrays(K, pool5_dim).items()})
         check_tensors(path, tensors, expected)
+        head = None
+        if cfg.finetune.enabled:  # sizes now known to match the file's tensors
+            head = FCHead(pool5_dim, cfg.finetune.fc_dims, K, cfg.finetune.dropout)
+        embedder = WindowEmbedder.from_config(cfg, backbone, head)
         if bmeta.get("weights_id") is not None and not isinstance(bmeta.get("weights_id"), str):
             raise ModelFormatError(f"{path}: header entry 'backbone' has a weights_id that is not a string")
         geometry = {k: bmeta.get(k) for k in ("stride", "offset", "channels")}

@@ -30,6 +30,7 @@ import torch
 from torchvision.ops import nms
 
 from detector.bbox_regression import decode
+from detector.config import ConfigError, TestConfig
 
 Regressor = Union[None, Callable[[np.ndarray, np.ndarray], np.ndarray], np.ndarray]
 
@@ -45,6 +46,26 @@ class Selection:
 
     def __len__(self) -> int:
         return len(self.indices)
+
+
+def class_thresholds(score_thresh, class_names: Sequence[str]) -> np.ndarray:
+    """Per-class score thresholds [K] from one number, a list with one per class, or a mapping
+    {class name: threshold} whose "*" entry (default -1.5) sets every class it does not name.
+    A wrong length or an unknown class name is a ConfigError that lists the classes."""
+    K, names = len(class_names), list(class_names)
+    if isinstance(score_thresh, dict):
+        unknown = sorted(k for k in score_thresh if k != "*" and k not in names)
+        if unknown:
+            raise ConfigError(f"test.score_thresh names unknown class(es) {unknown}; the classes are {names} "
+                              "(and '*' for the rest)")
+        rest = float(score_thresh.get("*", TestConfig.score_thresh))
+        return np.array([float(score_thresh.get(n, rest)) for n in names], np.float64)
+    thr = np.asarray(score_thresh, np.float64).reshape(-1)
+    if len(thr) == 1:
+        return np.repeat(thr, K)
+    if thr.shape != (K,):
+        raise ConfigError(f"test.score_thresh has {len(thr)} values for {K} classes {names}")
+    return thr
 
 
 def _order(scores: np.ndarray, labels: np.ndarray, indices: np.ndarray) -> np.ndarray:
@@ -82,14 +103,11 @@ def _check_inputs(boxes: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np
 def select_detections(boxes: np.ndarray, scores: np.ndarray,
                       score_thresh: Union[float, Sequence[float], np.ndarray] = -1.5,
                       nms_iou: float = 0.3, max_per_image: Optional[int] = 100) -> Selection:
-    """Steps 1-3.  score_thresh: scalar or one per class; max_per_image None: no cap."""
+    """Steps 1-3.  score_thresh: scalar or one per class (see class_thresholds; a mapping
+    here is keyed by the class index as a string); max_per_image None: no cap."""
     boxes, scores = _check_inputs(boxes, scores)
     num_classes = scores.shape[1]
-    thr = np.asarray(score_thresh, np.float64).reshape(-1)
-    if len(thr) == 1:
-        thr = np.repeat(thr, num_classes)
-    if thr.shape != (num_classes,):
-        raise ValueError(f"postprocess: score_thresh has {len(thr)} values for {num_classes} classes")
+    thr = class_thresholds(score_thresh, [str(k) for k in range(num_classes)])
     if max_per_image is not None and max_per_image < 1:
         raise ValueError(f"postprocess: max_per_image must be >= 1 or None, got {max_per_image}")
     idx, lab = np.nonzero(scores.astype(np.float64) > thr[None, :])

@@ -12,16 +12,8 @@ sys.path.insert(0, str(ROOT))
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    from detector.config import load_config
-    from detector.datasets.synthetic import make_synthetic
-    from detector.pipeline import train
-
-    tmp = tmp_path_factory.mktemp("smoke")
-    data = make_synthetic(tmp / "data", num_train=16, num_test=6, image_size=(160, 120), seed=3)
-    cfg = load_config(ROOT / "configs" / "smoke.yaml")
-    model_path = train(str(data), str(tmp / "run"), cfg, cache_root=str(tmp / "cache"), progress=False)
-    return tmp, data, model_path
+def trained(smoke_run):
+    return smoke_run
 
 
 def test_train_writes_model_and_stage_records(trained):

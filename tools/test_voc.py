@@ -36,7 +36,6 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
     import detector
-    from detector.config import apply_test_overrides
     from detector.datasets import load_dataset
     from detector.evaluation import coco_gt_from_arrays, detection_counts, eval_coco, format_ap_table
     from detector.inference import detect_dataset, score_detections
@@ -44,7 +43,7 @@ def main(argv=None) -> int:
     from detector.visualize import save_detections
 
     model = detector.load(args.model)
-    apply_test_overrides(model.cfg, args.overrides)
+    model.configure_test(args.overrides)
     # Labels follow the model's class list; an object of a class the model does not know is
     # an error naming its annotation file.
     ds = load_dataset(args.dataset, args.split, model.class_names, args.image_dir)

@@ -1,0 +1,32 @@
+"""Fixtures shared by several test files: one smoke training on generated data per session."""
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory):
+    """(folder, dataset, model path) of configs/smoke.yaml trained on 16 synthetic images.
+    test_smoke.py retrains into this run with other settings; `pristine_model` is a copy
+    taken right after the first training, for tests that need it unchanged."""
+    from detector.config import load_config
+    from detector.datasets.synthetic import make_synthetic
+    from detector.pipeline import train
+
+    tmp = tmp_path_factory.mktemp("smoke")
+    data = make_synthetic(tmp / "data", num_train=16, num_test=6, image_size=(160, 120), seed=3)
+    cfg = load_config(ROOT / "configs" / "smoke.yaml")
+    model_path = train(str(data), str(tmp / "run"), cfg, cache_root=str(tmp / "cache"), progress=False)
+    shutil.copy(model_path, tmp / "pristine.safetensors")
+    return tmp, data, model_path
+
+
+@pytest.fixture(scope="session")
+def pristine_model(smoke_run):
+    return smoke_run[0] / "pristine.safetensors"
