@@ -109,6 +109,7 @@ class TestConfig:
     nms_iou: float = 0.3
     max_per_image: int = 100
     second_nms: bool = True
+    scorer: str = "svm"  # svm: the per-class SVMs (the paper) | softmax: fc8's class probabilities (Fast R-CNN)
 
 
 @dataclass
@@ -313,6 +314,8 @@ def validate(cfg: Config) -> None:
            f"test.score_thresh must be a number, a list of numbers (one per class) or a mapping "
            f"{{class name: number}}, got {thr!r}")
     _check(t.max_per_image >= 1, f"test.max_per_image must be >= 1, got {t.max_per_image}")
+    _check(t.scorer in ("svm", "softmax"), f"test.scorer must be svm or softmax, got {t.scorer!r}")
+    _check(t.scorer == "svm" or ft.enabled, "test.scorer=softmax needs the fine-tuned fc8 (finetune.enabled=true)")
     if cfg.classes is not None:
         _check(all(isinstance(c, str) and c for c in cfg.classes) and len(set(cfg.classes)) == len(cfg.classes),
                f"classes must be distinct non-empty names, got {cfg.classes}")

@@ -18,7 +18,7 @@ import torch
 
 from .backbones import Backbone, build_backbone
 from .bbox_regression import BoxRegressor
-from .config import Config, apply_test_overrides
+from .config import Config, ConfigError, apply_test_overrides
 from .embedder import WindowEmbedder, layer_dim
 from .errors import ModelFormatError
 from .model_file import (check_tensors, expected_state, positive_scalar, read_class_names, read_config,
@@ -73,6 +73,11 @@ class SPPDetector:
 
         return selective_search(image, **search_options(self.cfg.proposals))
 
+    @torch.inference_mode()
+    def softmax_scores(self, pool5: torch.Tensor) -> np.ndarray:
+        """[N, K] fc8 softmax probabilities of the object classes (background dropped)."""
+        return torch.softmax(self.embedder.head(pool5), dim=1)[:, 1:].numpy()
+
     def svm_scores(self, feats) -> np.ndarray:
         """[N, K] SVM scores of `embedder.embed()` features (a tensor or an array)."""
         x = feats.numpy() if isinstance(feats, torch.Tensor) else np.asarray(feats, np.float32)
@@ -82,7 +87,8 @@ class SPPDetector:
     def detect(self, image, proposals: Optional[np.ndarray] = None,
                score_thresh: Union[None, float, Sequence[float], dict] = None, nms_iou: Optional[float] = None,
                max_per_image: Optional[int] = None, box_regression: bool = True,
-               features: Optional[Sequence[ScaleFeatures]] = None, timer: StageTimer = NO_TIMER) -> dict:
+               features: Optional[Sequence[ScaleFeatures]] = None, timer: StageTimer = NO_TIMER,
+               scorer: Optional[str] = None) -> dict:
         """Detect objects in one image.
 
         image: a path, a PIL image, or an HxWx3 uint8 array in **RGB** order.
@@ -90,6 +96,8 @@ class SPPDetector:
         Thresholds default to the config's `test` section.  score_thresh: one number, a list
         with one per class, or {class name: number} with "*" for the classes not named.
         timer: an optional `detector.timing.StageTimer` that records each stage's time.
+        scorer: "svm" (the per-class SVMs) or "softmax" (fc8's class probabilities); default
+        the config's `test.scorer`.  The post-processing is the same for both.
         Returns dict(boxes float32 [n, 4] x1 y1 x2 y2 in pixels, scores float32 [n],
         labels int64 [n] (indices into label_names), label_names list[str] [n]).
         """
@@ -108,11 +116,20 @@ class SPPDetector:
         feats = self.extractor(img, timer=timer) if features is None else features
         pool5, row = self.embedder.pool5_unique(feats, proposals)
         timer.lap("spp")
-        x = self.embedder.embed(pool5)
-        timer.lap("fc")
-        scores = self.svm_scores(x)[row]
-        timer.lap("svm")
         tc = self.cfg.test
+        scorer = tc.scorer if scorer is None else scorer
+        if scorer not in ("svm", "softmax"):
+            raise ConfigError(f"scorer must be 'svm' or 'softmax', got {scorer!r}")
+        if scorer == "softmax":
+            if self.embedder.head is None:
+                raise ConfigError("scorer 'softmax' needs the fine-tuned fc layers; this model has none")
+            scores = self.softmax_scores(pool5)[row]
+            timer.lap("fc")
+        else:
+            x = self.embedder.embed(pool5)
+            timer.lap("fc")
+            scores = self.svm_scores(x)[row]
+            timer.lap("svm")
         nms_iou = tc.nms_iou if nms_iou is None else nms_iou
         thr = class_thresholds(tc.score_thresh if score_thresh is None else score_thresh, self.class_names)
         sel = select_detections(proposals, scores, thr, nms_iou, tc.max_per_image if max_per_image is None

@@ -291,3 +291,42 @@ def test_a_script_prints_one_error_line_for_real():
     p = subprocess.run([sys.executable, str(ROOT / "tools" / "train.py"), "--dataset", MISSING, "--out", "/tmp/x"],
                        capture_output=True, text=True)
     assert p.returncode == 2 and p.stderr.strip().startswith("error:") and "Traceback" not in p.stderr
+
+
+def test_softmax_scorer_uses_the_same_post_processing_and_round_trips(trained, tmp_path, monkeypatch):
+    import torch
+
+    import detector
+    from detector.images import load_image
+
+    _, data, model_path = trained
+    model = detector.load(model_path)
+    img = load_image(sorted((data / "JPEGImages").glob("*.jpg"))[2])
+    props = model.proposals(img)
+    soft = model.detect(img, proposals=props, scorer="softmax")
+    assert len(soft["scores"]) > 0 and (soft["scores"] >= 0).all() and (soft["scores"] <= 1).all()
+    # the SVM path, with its scores made equal to fc8's probabilities, gives the same detections
+    head = model.embedder.head
+    captured = {}
+    real_embed = model.embedder.embed
+
+    def embed(pool5):
+        captured["pool5"] = pool5.clone()
+        return real_embed(pool5)
+
+    monkeypatch.setattr(model.embedder, "embed", embed)
+    monkeypatch.setattr(model, "svm_scores", lambda x: torch.softmax(head(captured["pool5"]), 1)[:, 1:].numpy())
+    as_svm = model.detect(img, proposals=props, scorer="svm")
+    for k in ("boxes", "scores", "labels"):
+        np.testing.assert_array_equal(as_svm[k], soft[k])
+    # selectable in the model file, and per call over it
+    monkeypatch.undo()
+    model.configure_test(["test.scorer=softmax"])
+    model.save(tmp_path / "soft.safetensors")
+    again = detector.load(tmp_path / "soft.safetensors")
+    assert again.cfg.test.scorer == "softmax"
+    np.testing.assert_array_equal(again.detect(img, proposals=props)["scores"], soft["scores"])
+    svm = again.detect(img, proposals=props, scorer="svm")
+    assert not np.array_equal(svm["scores"], soft["scores"])
+    with pytest.raises(ValueError, match="scorer must be"):
+        again.detect(img, proposals=props, scorer="vote")
