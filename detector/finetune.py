@@ -120,12 +120,15 @@ def _save_checkpoint(path: Path, head: FCHead, opt: torch.optim.Optimizer, it: i
     atomic_write_bytes(path, buf.getvalue())
 
 
-def finetune(embedder: WindowEmbedder, images: Sequence[TrainImage], get_features: FeatureGetter,
-             fc: FinetuneConfig, n_scales: int, seed: int = 0, checkpoint: Optional[Path] = None,
-             progress: bool = True) -> dict:
-    """Train `embedder.head` in place on scaled pool5 of the training windows; returns a
-    summary (iterations, final loss and accuracy)."""
-    head = embedder.head
+PairPooler = Callable[[np.ndarray, np.ndarray, Optional[np.ndarray]], torch.Tensor]  # (pairs, flips, scales)
+
+
+def finetune(head: FCHead, images: Sequence[TrainImage], pool: PairPooler, fc: FinetuneConfig, n_scales: int,
+             seed: int = 0, checkpoint: Optional[Path] = None, progress: bool = True) -> dict:
+    """Train `head` in place on the training windows; returns a summary (iterations, final
+    loss and accuracy).  `pool(pairs, flips, scale_index)` gives the scaled pool5 of (image,
+    row) pairs: SPP from cached maps in training (`pool_pairs`); a benchmark may pass another
+    way of turning windows into vectors and train with the same recipe."""
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
     fg, bg = sample_pools(images, fc.fg_iou, fc.bg_iou_lo)
@@ -165,7 +168,7 @@ def finetune(embedder: WindowEmbedder, images: Sequence[TrainImage], get_feature
         labels = torch.from_numpy(np.concatenate([fg_labels[fi], np.zeros(n_bg, np.int64)]))
         flips = rng.random(len(pairs)) < 0.5 if fc.flip else np.zeros(len(pairs), bool)
         scales = rng.integers(0, n_scales, len(pairs)) if n_scales > 1 else None
-        logits = head(pool_pairs(embedder, images, pairs, flips, scales, get_features))
+        logits = head(pool(pairs, flips, scales))
         loss = F.cross_entropy(logits, labels)
         opt.zero_grad()
         loss.backward()

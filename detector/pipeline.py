@@ -31,7 +31,7 @@ from .datasets.records import Dataset
 from .embedder import WindowEmbedder
 from .errors import CacheError, DatasetError
 from .features import FeatureCache, FeatureExtractor, extract_all
-from .finetune import TrainImage, estimate_pool5_scale, finetune
+from .finetune import TrainImage, estimate_pool5_scale, finetune, pool_pairs
 from .heads import FCHead
 from .labeling import label_windows
 from .model import SPPDetector
@@ -128,8 +128,11 @@ def run_finetune(r: TrainRun) -> dict:
     arrays = {"pool5_scale": np.float64(scale)}
     if head is not None:
         ckpt = r.run / f"finetune_ckpt_{r.digests['finetune']}.pt"
-        info.update(finetune(r.embedder, r.images, r.features, cfg.finetune, len(cfg.features.scales), cfg.seed,
-                             ckpt, r.progress))
+        def pool(pairs, flips, scales):
+            return pool_pairs(r.embedder, r.images, pairs, flips, scales, r.features)
+
+        info.update(finetune(head, r.images, pool, cfg.finetune, len(cfg.features.scales), cfg.seed, ckpt,
+                             r.progress))
         print(f"fine-tuning: {info}")
         arrays.update({f"head.{k}": v.numpy() for k, v in head.state_dict().items()})
     atomic_save_npz(r.run / "finetune.npz", **arrays)
