@@ -1,26 +1,29 @@
 #!/usr/bin/env python
-"""SPP-net against an R-CNN-style baseline built from the same model (the paper's Table 10 comparison).
+"""SPP-net against an R-CNN-style baseline on the same backbone (the paper's Table 10 comparison).
 
-Both methods share the backbone, the proposals, the fine-tuned fc layers and the SVM
-training recipe; only the way a window becomes a pool5 vector differs:
+Both methods share the backbone, the proposals and the training recipe; only the way a
+window becomes a pool5 vector differs:
 
 * SPP-net: conv features of the whole image once (per scale), each window projected onto
-  the map and pooled with the spatial pyramid (`model.pool5`).
+  the map and pooled with the spatial pyramid (`WindowEmbedder.pool5`).
 * R-CNN-style: each window cropped from the image the R-CNN way (context padding 16: the
   box is enlarged by 224/(224-2*16) about its centre so that, warped to 224x224, 16 px of
   context surround it; pixels outside the image are the backbone's mean pixel, i.e. 0 after
   normalisation), warped bilinearly to 224x224 (from the normalised image), run through the
   conv trunk in batches, and each whole map (14x14 at stride 16) pooled with the same
-  pyramid, so the vector has the same length as SPP's pool5; then the same `pool5_scale`
-  and fc layers.
+  pyramid, so the vector has the same length as SPP's pool5.
 
-SVMs: for like-with-like mAPs both methods' SVMs are trained here, the library's way
-(`detector.svm.train_svms` with the model's `svm` config, norm-20 rescaling recomputed per
-method), on the same training subset (the first --train-images of --train-split sorted by
-id; GT boxes plus the top --train-proposals cached proposals of each image).  Test: the
-first --test-images of --split sorted by id, the model's proposals (top_k), the test
-post-processing without box regression for both.  The full model's own SVMs are scored on
-the same images for reference.
+Fair training (for `map_delta`): each arm gets its *own* fc layers, fine-tuned with the
+model's recipe (`detector.finetune.finetune`: same iterations, learning rates, batch, 25%
+foreground, flips) on its own vectors of the same windows, then its own SVMs (the library's
+`train_svms`, norm-20 scales recomputed per arm) on fc7 of those windows.  The windows: the
+first --train-images of --train-split sorted by id, each with its GT boxes and top
+--train-proposals cached proposals, and the same windows of the mirror images for the flip
+augmentation; R-CNN's crops cost ~30 ms each on 2 cores, which is what limits the subset.
+Test: the first --test-images of --split sorted by id, the model's proposals (top_k), the test
+post-processing without box regression, each arm with its own head and SVMs.  The full
+model (fine-tuned and trained on the whole training split) is scored on the same images for
+reference.
 
 Timing: per test image, from the decoded image to SVM-ready features, proposals excluded
 (SPP: resize + conv + projection + SPP + fc; R-CNN: crop + warp + conv + pool + fc), median
@@ -102,16 +105,16 @@ def check_whole_map_spp(fmap: torch.Tensor, levels) -> None:
 
 
 @torch.inference_mode()
-def rcnn_features(model, image: np.ndarray, boxes: np.ndarray, batch: int = 16,
-                  check: bool = False) -> tuple[np.ndarray, dict]:
-    """SVM-ready features [N, D] of boxes, R-CNN style, and the seconds spent per step.
+def rcnn_pool5(model, image: np.ndarray, boxes: np.ndarray, batch: int = 16,
+               check: bool = False) -> tuple[torch.Tensor, dict]:
+    """Unscaled pool5 [N, D] of boxes, R-CNN style, and the seconds spent per step.
 
     The image is normalised once, before warping: normalisation is a per-channel affine map,
     so it commutes with bilinear interpolation, and the mean pixel becomes 0, the fill value."""
     bb = model.backbone
     device = model.extractor.device
     levels = model.cfg.spp.levels
-    t = {"crop": 0.0, "conv": 0.0, "pool": 0.0, "fc": 0.0}
+    t = {"crop": 0.0, "conv": 0.0, "pool": 0.0}
     t0 = time.perf_counter()
     img = np.ascontiguousarray(bb.normalize(image).permute(1, 2, 0).numpy())  # HxWx3 float32, trunk's space
     ctx = context_boxes(boxes)
@@ -136,14 +139,21 @@ def rcnn_features(model, image: np.ndarray, boxes: np.ndarray, batch: int = 16,
         t["pool"] += t3 - t2
         if check and s == 0:
             check_whole_map_spp(fmap, levels)
-    t0 = time.perf_counter()
     if not pooled:  # no windows
         from detector.spp import spp_length
 
         pooled = [torch.zeros((0, spp_length(bb.channels, levels)))]
-    pool5 = torch.cat(pooled) * model.embedder.pool5_scale
-    x = model.embedder.embed(pool5).numpy()
-    t["fc"] += time.perf_counter() - t0
+    return torch.cat(pooled), t
+
+
+@torch.inference_mode()
+def rcnn_features(model, image: np.ndarray, boxes: np.ndarray, embedder, batch: int = 16,
+                  check: bool = False) -> tuple[np.ndarray, dict]:
+    """SVM-ready features [N, D] of boxes, R-CNN style (the arm's pool5 scale and fc layers)."""
+    pool5, t = rcnn_pool5(model, image, boxes, batch, check)
+    t0 = time.perf_counter()
+    x = embedder.embed(pool5.mul_(embedder.pool5_scale)).numpy()
+    t["fc"] = time.perf_counter() - t0
     t["total"] = sum(t.values())
     return np.asarray(x, np.float32), t
 
@@ -151,21 +161,88 @@ def rcnn_features(model, image: np.ndarray, boxes: np.ndarray, batch: int = 16,
 # --------------------------------------------------------------------------- SPP-net, the library's path
 
 @torch.inference_mode()
-def spp_features(model, extractor, image: np.ndarray, boxes: np.ndarray) -> tuple[np.ndarray, dict]:
+def spp_features(extractor, image: np.ndarray, boxes: np.ndarray, embedder) -> tuple[np.ndarray, dict]:
     from detector.timing import StageTimer
 
     timer = StageTimer()
     t0 = time.perf_counter()
     feats = extractor(image, timer=timer)
     t1 = time.perf_counter()
-    pool5 = model.embedder.pool5(feats, boxes)
+    pool5 = embedder.pool5(feats, boxes)
     t2 = time.perf_counter()
-    x = model.embedder.embed(pool5).numpy()
+    x = embedder.embed(pool5).numpy()
     t3 = time.perf_counter()
     t = {"resize": timer.times["resize"], "conv": timer.times["conv"]}
     t["features_other"] = (t1 - t0) - t["resize"] - t["conv"]
     t.update(spp=t2 - t1, fc=t3 - t2, total=t3 - t0)
     return np.asarray(x, np.float32), t
+
+
+# --------------------------------------------------------------------------- fair training of both arms
+
+@torch.inference_mode()
+def training_vectors(model, recs, props: dict, n_props: int, batch: int) -> tuple[list, dict]:
+    """The training windows of each image (GT + top n_props proposals) and their unscaled pool5,
+    float16, per arm and orientation: {"spp"|"rcnn": {False|True: [[M_i, D] per image]}}."""
+    from detector.embedder import WindowEmbedder
+    from detector.finetune import TrainImage, mirror_boxes
+    from detector.images import load_image
+    from detector.labeling import label_windows
+
+    K = len(model.class_names)
+    e = model.embedder
+    unscaled = WindowEmbedder(e.backbone, e.levels, e.scale_rule, e.projection)
+    images, vecs = [], {"spp": {False: [], True: []}, "rcnn": {False: [], True: []}}
+    t0 = time.perf_counter()
+    for n, r in enumerate(recs):
+        img = load_image(r.path)
+        w = label_windows(r.boxes, r.labels, props[r.image_id][:n_props], K)
+        images.append(TrainImage(r.path, r.width, r.height, w))
+        for flip in (False, True):
+            boxes = mirror_boxes(w.boxes, r.width) if flip else w.boxes
+            vecs["spp"][flip].append(unscaled.pool5(model.extractor(img, flip=flip), boxes).half())
+            im = np.ascontiguousarray(img[:, ::-1]) if flip else img
+            vecs["rcnn"][flip].append(rcnn_pool5(model, im, boxes, batch)[0].half())
+        print(f"  training windows {n + 1}/{len(recs)}: {r.image_id}, {len(w.boxes)} windows x 2 orientations "
+              f"({time.perf_counter() - t0:.0f} s so far)", flush=True)
+    return images, vecs
+
+
+def train_arm(model, images: list, vecs: dict, name: str):
+    """This arm's own fc layers, fine-tuned with the model's recipe on its own vectors; returns a
+    WindowEmbedder holding them and the arm's pool5 scale."""
+    from detector.embedder import WindowEmbedder, norm_scale
+    from detector.finetune import finetune
+    from detector.heads import FCHead
+
+    cfg, e = model.cfg, model.embedder
+    sample = torch.cat(vecs[False]).float()
+    sample = sample[np.random.default_rng(cfg.seed).choice(len(sample), min(2000, len(sample)), replace=False)]
+    scale = norm_scale(sample, cfg.svm.target_norm, f"{name} pool5")
+    flat = {f: torch.cat(vecs[f]) for f in (False, True)}
+    offsets = np.concatenate([[0], np.cumsum([len(v) for v in vecs[False]])])
+
+    def pool(pairs, flips, scales):
+        rows = torch.from_numpy(offsets[pairs[:, 0]] + pairs[:, 1])
+        out = torch.empty((len(pairs), flat[False].shape[1]))
+        for f in (False, True):
+            sel = torch.from_numpy(np.flatnonzero(flips == f))
+            out[sel] = flat[f][rows[sel]].float()
+        return out.mul_(scale)
+
+    torch.manual_seed(cfg.seed)
+    head = FCHead(flat[False].shape[1], cfg.finetune.fc_dims, len(model.class_names), cfg.finetune.dropout)
+    t0 = time.perf_counter()
+    info = finetune(head, images, pool, cfg.finetune, 1, cfg.seed, None, progress=True)
+    print(f"fine-tuning, {name}: pool5 scale {scale:.4g}, {time.perf_counter() - t0:.0f} s, {info}")
+    return WindowEmbedder(e.backbone, e.levels, e.scale_rule, e.projection, scale, head.eval(), cfg.svm.layer)
+
+
+def svm_rows(embedder, images: list, vecs: list) -> list:
+    """(fc features, gt_labels, class_iou) per training image, from the arm's vectors."""
+    with torch.inference_mode():
+        return [(embedder.embed(v.float().mul_(embedder.pool5_scale)).numpy(), im.windows.gt_labels,
+                 im.windows.class_iou) for v, im in zip(vecs, images)]
 
 
 # --------------------------------------------------------------------------- SVMs and scoring
@@ -204,8 +281,8 @@ def main(argv=None) -> int:
     ap.add_argument("--dataset", default=common.DEFAULT_DATASET, help="a VOC-layout dataset")
     ap.add_argument("--cache", default=common.DEFAULT_CACHE, help="proposal cache root")
     ap.add_argument("--split", default="test", help="test split")
-    ap.add_argument("--train-split", default="trainval", help="split the SVM training subset is drawn from")
-    ap.add_argument("--train-images", type=int, default=30, help="SVM training subset: first N by id")
+    ap.add_argument("--train-split", default="trainval", help="split the training subset is drawn from")
+    ap.add_argument("--train-images", type=int, default=30, help="training subset of both arms: first N by id")
     ap.add_argument("--train-proposals", type=int, default=500, help="top proposals per training image (plus GT)")
     ap.add_argument("--test-images", type=int, default=10, help="test subset: first N by id")
     ap.add_argument("--test-proposals", type=int, default=0,
@@ -228,7 +305,6 @@ def main(argv=None) -> int:
     from detector.datasets.records import Dataset
     from detector.features import FeatureExtractor
     from detector.images import load_image
-    from detector.labeling import label_windows
     from detector.datasets import load_dataset
     from detector.inference import score_detections
     from detector.model import empty_result
@@ -255,29 +331,27 @@ def main(argv=None) -> int:
           f"(selective search {pcfg.mode}, cache {cache})")
     print(f"R-CNN:    {CROP}x{CROP} warp, context padding {PAD}, mean-pixel fill, batches of {args.rcnn_batch}")
 
-    # ------------------------------------------------------------ SVMs on the same training subset
-    svms = {}
+    # ------------------------------------------------------------ each arm trained on its own vectors
+    arms = {}  # name -> (embedder, W, b, svm scale)
     if not args.timing_only:
         train_ds = load_dataset(args.dataset, args.train_split, model.class_names)
         train_recs = common.first_by_id(train_ds.records, args.train_images)
         print(f"training: split {args.train_split}: the first {len(train_recs)} images by id "
               f"({train_recs[0].image_id} .. {train_recs[-1].image_id}), GT + top {args.train_proposals} "
-              f"proposals each")
+              f"proposals each, and their mirror images; fine-tuning: {model.cfg.finetune.iterations} iterations "
+              f"per arm (the model's recipe)")
         print()
         props = compute_proposals(train_recs, cache, pcfg, progress=False)
-        rows = {"spp": [], "rcnn": []}
         t0 = time.perf_counter()
-        for r in train_recs:
-            img = load_image(r.path)
-            w = label_windows(r.boxes, r.labels, props[r.image_id][: args.train_proposals], K)
-            rows["spp"].append((spp_features(model, ext1, img, w.boxes)[0], w.gt_labels, w.class_iou))
-            rows["rcnn"].append((rcnn_features(model, img, w.boxes, args.rcnn_batch)[0], w.gt_labels, w.class_iou))
-        n_win = sum(len(x[0]) for x in rows["spp"])
-        print(f"training features: {len(train_recs)} images, {n_win} windows, {time.perf_counter() - t0:.1f} s "
-              f"(both methods)")
+        images, vecs = training_vectors(model, train_recs, props, args.train_proposals, args.rcnn_batch)
+        n_win = sum(len(im.windows.boxes) for im in images)
+        print(f"training vectors: {len(images)} images, {n_win} windows x 2 orientations, both arms, "
+              f"{time.perf_counter() - t0:.1f} s")
         for m, name in (("spp", "SPP-net"), ("rcnn", "R-CNN-style")):
-            svms[m] = train_method_svms(model, rows[m], name)
-        del rows
+            emb = train_arm(model, images, vecs[m], name)
+            W, b, s = train_method_svms(model, svm_rows(emb, images, vecs[m][False]), name)
+            arms[m] = (emb, W, b, s)
+        del vecs
         print()
 
     # ------------------------------------------------------------ test subset: features, timings, detections
@@ -285,12 +359,14 @@ def main(argv=None) -> int:
     if args.test_proposals:
         props = {k: v[: args.test_proposals] for k, v in props.items()}
     images = {r.image_id: load_image(r.path) for r in test_recs}
+    spp_emb = arms["spp"][0] if arms else model.embedder
+    rcnn_emb = arms["rcnn"][0] if arms else model.embedder
     # Warm-up (untimed) on a slice of the first image's windows: allocators, kernels, thread pools.
     warm_img, warm_boxes = images[test_recs[0].image_id], props[test_recs[0].image_id][: args.rcnn_batch]
     if len(warm_boxes):
-        spp_features(model, ext1, warm_img, warm_boxes)
-        spp_features(model, ext5, warm_img, warm_boxes)
-        rcnn_features(model, warm_img, warm_boxes, args.rcnn_batch, check=True)
+        spp_features(ext1, warm_img, warm_boxes, spp_emb)
+        spp_features(ext5, warm_img, warm_boxes, model.embedder)
+        rcnn_features(model, warm_img, warm_boxes, rcnn_emb, args.rcnn_batch, check=True)
 
     times = {"spp1": [], "spp5": [], "rcnn": []}
     results = {"spp": [], "rcnn": [], "full": []}
@@ -304,19 +380,20 @@ def main(argv=None) -> int:
             for v in results.values():
                 v.append(empty_result())
             continue
-        x, t = spp_features(model, ext1, img, boxes)
+        x, t = spp_features(ext1, img, boxes, spp_emb)
         times["spp1"].append(t)
-        times["spp5"].append(spp_features(model, ext5, img, boxes)[1])
+        times["spp5"].append(spp_features(ext5, img, boxes, model.embedder)[1])
         size = (img.shape[1], img.shape[0])
-        if svms:
-            W, b, s = svms["spp"]
+        if arms:
+            _, W, b, s = arms["spp"]
             results["spp"].append(detections(model, boxes, (x * s) @ W + b, size))
-            results["full"].append(detections(model, boxes, model.svm_scores(x), size))
+            full = spp_features(ext1, img, boxes, model.embedder)[0]
+            results["full"].append(detections(model, boxes, model.svm_scores(full), size))
         if i < n_rcnn:
-            xr, tr = rcnn_features(model, img, boxes, args.rcnn_batch)
+            xr, tr = rcnn_features(model, img, boxes, rcnn_emb, args.rcnn_batch)
             times["rcnn"].append(tr)
-            if svms:
-                W, b, s = svms["rcnn"]
+            if arms:
+                _, W, b, s = arms["rcnn"]
                 results["rcnn"].append(detections(model, boxes, (xr * s) @ W + b, size))
         print(f"  {r.image_id}: {len(boxes)} windows; SPP {t['total']:.3f} s"
               + (f", R-CNN {times['rcnn'][-1]['total']:.2f} s" if i < n_rcnn else ""), flush=True)
@@ -340,25 +417,27 @@ def main(argv=None) -> int:
         ["speed-up over R-CNN-style", f"{r_tot / s1_tot:.1f}x", f"{r_tot / s5_tot:.1f}x", "1.0x"],
     ]
     maps = {}
-    if svms:
+    if arms:
         sub = Dataset(f"{test_ds.name} first {len(test_recs)}", list(model.class_names), test_recs)
         for m in results:
             maps[m] = score_detections(sub, results[m])
-        rows.append([f"mAP, SVMs on the {args.train_images}-image subset (VOC07, no bbox reg)",
+        rows.append([f"mAP, own fc + SVMs on the {args.train_images}-image subset (VOC07, no bbox reg)",
                      f"{maps['spp']['map']:.4f}", "-", f"{maps['rcnn']['map']:.4f}"])
-        rows.append(["mAP, the full model's SVMs (reference)", f"{maps['full']['map']:.4f}", "-", "-"])
+        rows.append(["mAP, the full model (all training images; reference)", f"{maps['full']['map']:.4f}", "-", "-"])
         for k, name in enumerate(model.class_names):
-            rows.append([f"  AP {name} (subset SVMs)", f"{maps['spp']['ap'][k]:.4f}", "-",
+            rows.append([f"  AP {name} (subset-trained arms)", f"{maps['spp']['ap'][k]:.4f}", "-",
                          f"{maps['rcnn']['ap'][k]:.4f}"])
     print(common.table(["", f"SPP {ext1.scales}", f"SPP {len(scales5)} scales", "R-CNN-style"], rows))
-    print(f"({len(scales5)} scales {scales5}: timing only; the fc layers and SVMs were trained at the model's scales)")
+    print(f"({len(scales5)} scales {scales5}: timing only, with the model's fc layers; the arms were trained at "
+          f"the model's scales)")
     print()
     sp1, sp5 = r_tot / s1_tot, r_tot / s5_tot
     print(f"speedup_1scale = {sp1:.2f}  # target >= {TARGET_1SCALE:g}x: {common.check_target(sp1 >= TARGET_1SCALE)}")
     print(f"speedup_5scale = {sp5:.2f}  # target >= {TARGET_5SCALE:g}x: {common.check_target(sp5 >= TARGET_5SCALE)}")
     if maps:
         d = float(maps["spp"]["map"] - maps["rcnn"]["map"])
-        print(f"map_delta = {d:.4f}  # SPP minus R-CNN-style, same SVM training subset; target |delta| <= "
+        print(f"map_delta = {d:.4f}  # SPP minus R-CNN-style, each with its own fc and SVMs on the same subset; "
+              f"target |delta| <= "
               f"{TARGET_MAP_DELTA}: {common.check_target(abs(d) <= TARGET_MAP_DELTA)}")
     else:
         print("map_delta = nan  # not measured (--timing-only)")
