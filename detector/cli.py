@@ -81,5 +81,7 @@ def run_tool(main, argv=None) -> int:
     try:
         return main(argv)
     except (InputError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        from .distributed import world
+
+        print(f"error: {world()}: {e}" if world().distributed else f"error: {e}", file=sys.stderr)
         return 2

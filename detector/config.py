@@ -38,6 +38,7 @@ class FeatureConfig:
     scale_rule: str = "paper"  # paper: window area nearest 224^2 | code: round(208*min(H,W)/sqrt(area))
     cache_dtype: str = "float16"
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    ram_cache_mb: int = 2048  # conv maps kept in memory while training (least recently used go first)
 
 
 @dataclass
@@ -281,6 +282,7 @@ def validate(cfg: Config) -> None:
     _check(f.max_size >= max(f.scales), f"features.max_size ({f.max_size}) is below the largest scale ({max(f.scales)})")
     _check(f.cache_dtype in ("float16", "float32"), f"features.cache_dtype must be float16 or float32, "
                                                     f"got {f.cache_dtype!r}")
+    _check(f.ram_cache_mb >= 0, f"features.ram_cache_mb must be >= 0, got {f.ram_cache_mb}")
     _check(f.device in ("auto", "cpu", "cuda") or f.device.startswith("cuda:"),
            f"features.device must be auto, cpu, cuda or cuda:N, got {f.device!r}")
     _check(p.mode in ("fast", "quality", "single"), f"proposals.mode must be fast, quality or single, got {p.mode!r}")

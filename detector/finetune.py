@@ -28,8 +28,9 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .cache import atomic_write_bytes
-from .config import FinetuneConfig
+from .config import ConfigError, FinetuneConfig
 from .embedder import WindowEmbedder, norm_scale
+from .distributed import world
 from .errors import DatasetError
 from .features import ScaleFeatures
 from .heads import FCHead
@@ -114,23 +115,27 @@ def estimate_pool5_scale(embedder: WindowEmbedder, images: Sequence[TrainImage],
 
 
 def _save_checkpoint(path: Path, head: FCHead, opt: torch.optim.Optimizer, it: int, rng: np.random.Generator) -> None:
+    if not world().main:  # every rank holds the same state; one file
+        return
     buf = io.BytesIO()
     torch.save({"iteration": it, "head": head.state_dict(), "optimizer": opt.state_dict(),
-                "rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state()}, buf)
+                "rng": rng.bit_generator.state}, buf)
     atomic_write_bytes(path, buf.getvalue())
 
 
-PairPooler = Callable[[np.ndarray, np.ndarray, Optional[np.ndarray]], torch.Tensor]  # (pairs, flips, scales)
+def _resume(checkpoint: Optional[Path], head: FCHead, opt: torch.optim.Optimizer, rng: np.random.Generator) -> int:
+    if checkpoint is None or not Path(checkpoint).is_file():
+        return 0
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    head.load_state_dict(state["head"])
+    opt.load_state_dict(state["optimizer"])
+    rng.bit_generator.state = state["rng"]
+    log.info("fine-tuning: resuming from iteration %d (%s)", int(state["iteration"]), checkpoint)
+    return int(state["iteration"])
 
 
-def finetune(head: FCHead, images: Sequence[TrainImage], pool: PairPooler, fc: FinetuneConfig, n_scales: int,
-             seed: int = 0, checkpoint: Optional[Path] = None, progress: bool = True) -> dict:
-    """Train `head` in place on the training windows; returns a summary (iterations, final
-    loss and accuracy).  `pool(pairs, flips, scale_index)` gives the scaled pool5 of (image,
-    row) pairs: SPP from cached maps in training (`pool_pairs`); a benchmark may pass another
-    way of turning windows into vectors and train with the same recipe."""
-    rng = np.random.default_rng(seed)
-    torch.manual_seed(seed)
+def _window_pools(images: Sequence[TrainImage], fc: FinetuneConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(foreground pairs, background pairs, foreground labels) to draw batches from."""
     fg, bg = sample_pools(images, fc.fg_iou, fc.bg_iou_lo)
     if len(fg) == 0:
         raise DatasetError("fine-tuning: no foreground windows (IoU >= %.2f with a ground-truth box) in the "
@@ -141,22 +146,42 @@ def finetune(head: FCHead, images: Sequence[TrainImage], pool: PairPooler, fc: F
         fg, bg = sample_pools(images, fc.fg_iou, 0.0)
         if len(bg) == 0:
             raise DatasetError("fine-tuning: no background windows at all; are the proposals missing?")
-    fg_labels = window_labels(images, fg, fc.fg_iou)
+    return fg, bg, window_labels(images, fg, fc.fg_iou)
+
+
+PairPooler = Callable[[np.ndarray, np.ndarray, Optional[np.ndarray]], torch.Tensor]  # (pairs, flips, scales)
+
+
+def finetune(head: FCHead, images: Sequence[TrainImage], pool: PairPooler, fc: FinetuneConfig, n_scales: int,
+             seed: int = 0, checkpoint: Optional[Path] = None, progress: bool = True) -> dict:
+    """Train `head` in place on the training windows; returns a summary (iterations, final
+    loss and accuracy).  `pool(pairs, flips, scale_index)` gives the scaled pool5 of (image,
+    row) pairs: SPP from cached maps in training (`pool_pairs`); a benchmark may pass another
+    way of turning windows into vectors and train with the same recipe.
+
+    Under torchrun the head is wrapped in DistributedDataParallel.  Every rank draws the same
+    global batch (windows, flips, scales and dropout masks come from generators seeded alike)
+    and pools and forwards only its slice; its loss is its slice's summed cross-entropy times
+    world size / batch size, so DDP's average over the ranks is the mean over the whole batch:
+    one process or several take the same steps, up to floating-point order."""
+    w = world()
+    if w.size > fc.batch_size:
+        raise ConfigError(f"finetune.batch_size ({fc.batch_size}) is smaller than the number of processes ({w.size})")
+    fg, bg, fg_labels = _window_pools(images, fc)
+    model = head
+    if w.distributed:
+        from torch.nn.parallel import DistributedDataParallel
+
+        model = DistributedDataParallel(head)
     opt = torch.optim.SGD(head.parameters(), lr=fc.lr, momentum=fc.momentum, weight_decay=fc.weight_decay)
-    start = 0
-    if checkpoint is not None and Path(checkpoint).is_file():
-        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-        head.load_state_dict(state["head"])
-        opt.load_state_dict(state["optimizer"])
-        rng.bit_generator.state = state["rng"]
-        torch.set_rng_state(state["torch_rng"])
-        start = int(state["iteration"])
-        log.info("fine-tuning: resuming from iteration %d (%s)", start, checkpoint)
+    rng = np.random.default_rng(seed)
+    start = _resume(checkpoint, head, opt, rng)
     n_fg = max(1, int(round(fc.batch_size * fc.fg_fraction)))
     n_bg = fc.batch_size - n_fg
+    mine = torch.from_numpy(np.array_split(np.arange(fc.batch_size), w.size)[w.rank])  # this rank's batch rows
     head.train()
     losses, accs = [], []
-    bar = tqdm(range(start, fc.iterations), desc="fine-tune fc", unit="it", disable=not progress,
+    bar = tqdm(range(start, fc.iterations), desc="fine-tune fc", unit="it", disable=not progress or not w.main,
                initial=start, total=fc.iterations)
     for it in bar:
         lr = fc.lr * (0.1 ** sum(it >= s for s in fc.lr_steps))
@@ -164,17 +189,18 @@ def finetune(head: FCHead, images: Sequence[TrainImage], pool: PairPooler, fc: F
             g["lr"] = lr
         fi = rng.integers(0, len(fg), n_fg)
         bi = rng.integers(0, len(bg), n_bg)
-        pairs = np.concatenate([fg[fi], bg[bi]])
-        labels = torch.from_numpy(np.concatenate([fg_labels[fi], np.zeros(n_bg, np.int64)]))
-        flips = rng.random(len(pairs)) < 0.5 if fc.flip else np.zeros(len(pairs), bool)
-        scales = rng.integers(0, n_scales, len(pairs)) if n_scales > 1 else None
-        logits = head(pool(pairs, flips, scales))
-        loss = F.cross_entropy(logits, labels)
+        pairs = np.concatenate([fg[fi], bg[bi]])[mine.numpy()]
+        labels = torch.from_numpy(np.concatenate([fg_labels[fi], np.zeros(n_bg, np.int64)]))[mine]
+        flips = (rng.random(fc.batch_size) < 0.5 if fc.flip else np.zeros(fc.batch_size, bool))[mine.numpy()]
+        scales = rng.integers(0, n_scales, fc.batch_size)[mine.numpy()] if n_scales > 1 else None
+        masks = head.dropout_masks(fc.batch_size, torch.Generator().manual_seed(seed * 1_000_003 + it))
+        logits = model(pool(pairs, flips, scales), tuple(m[mine] for m in masks))
+        ce = F.cross_entropy(logits, labels, reduction="sum")
         opt.zero_grad()
-        loss.backward()
+        (ce * (w.size / fc.batch_size)).backward()
         opt.step()
-        losses.append(loss.item())
-        accs.append(float((logits.argmax(1) == labels).float().mean()))
+        losses.append(ce.item() / max(len(mine), 1))
+        accs.append(float((logits.argmax(1) == labels).float().mean()) if len(mine) else 0.0)
         if progress and (it % 20 == 0 or it == fc.iterations - 1):
             bar.set_postfix(loss=f"{np.mean(losses[-50:]):.3f}", acc=f"{np.mean(accs[-50:]):.3f}", lr=f"{lr:g}")
         if checkpoint is not None and (it + 1) % fc.checkpoint_every == 0:

@@ -41,10 +41,24 @@ class FCHead(nn.Module):
             out[f"{prefix}{name}.bias"] = ((o,), torch.float32)
         return out
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.drop(torch.relu(self.fc6(x)))
-        x = self.drop(torch.relu(self.fc7(x)))
-        return self.fc8(x)
+    def forward(self, x: torch.Tensor, masks: tuple | None = None) -> torch.Tensor:
+        """Logits [N, K+1].  `masks` (fc6's and fc7's, already scaled by 1/(1-p)) replace the
+        dropout layer's own random draws: fine-tuning draws them for the whole batch from a
+        seeded generator, so one process or several (each with a slice) drop the same units."""
+        if masks is None:
+            x = self.drop(torch.relu(self.fc6(x)))
+            return self.fc8(self.drop(torch.relu(self.fc7(x))))
+        x = torch.relu(self.fc6(x)) * masks[0]
+        return self.fc8(torch.relu(self.fc7(x)) * masks[1])
+
+    def dropout_masks(self, n: int, generator: torch.Generator) -> tuple:
+        """Inverted-dropout masks for a batch of n rows (all ones when dropout is 0)."""
+        p = self.drop.p
+        out = []
+        for d in self.fc_dims:
+            keep = torch.rand((n, d), generator=generator) >= p
+            out.append(keep.float() / (1.0 - p))
+        return tuple(out)
 
     @torch.inference_mode()
     def embed(self, x: torch.Tensor, layer: str = "fc7") -> torch.Tensor:

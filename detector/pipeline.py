@@ -24,18 +24,20 @@ import torch
 
 from .backbones import Backbone, build_backbone
 from .bbox_regression import BoxRegressor, train_box_regressors
-from .cache import atomic_save_npz, load_npz
+from .cache import atomic_save_npz, load_npz, params_digest
 from .config import Config
 from .datasets import load_dataset
 from .datasets.records import Dataset
 from .embedder import WindowEmbedder
 from .errors import CacheError, DatasetError
-from .features import FeatureCache, FeatureExtractor, extract_all
+from .distributed import (all_gather, barrier, broadcast, check_same_config, check_shared_folder, fault_point,
+                          log_shard, shard, world)
+from .features import FeatureCache, FeatureExtractor, MapMemory, extract_all
 from .finetune import TrainImage, estimate_pool5_scale, finetune, pool_pairs
 from .heads import FCHead
 from .labeling import label_windows
 from .model import SPPDetector
-from .stages import STAGES, StageRecords, data_digest, stage_digests
+from .stages import STAGES, StageRecords, data_digest, relevant_config, stage_digests
 from .svm import format_summary, train_svms
 from .svm_rows import RowStore, regression_examples, svm_feature_scale, svm_images, write_rows
 
@@ -67,17 +69,19 @@ class TrainRun:
     fcache: Optional[FeatureCache] = None
     images: list = field(default_factory=list)  # TrainImage per record
     embedder: Optional[WindowEmbedder] = None
-    maps: dict = field(default_factory=dict)
+    maps: Optional[MapMemory] = None
 
     def features(self, i: int, flip: bool):
-        key = (i, flip)
-        if key not in self.maps:
-            self.maps[key] = self.fcache.get(self.images[i].path, flip)
-        return self.maps[key]
+        return self.maps.get(self.images[i].path, flip)
 
     def forget(self, i: int) -> None:
-        self.maps.pop((i, False), None)
-        self.maps.pop((i, True), None)
+        self.maps.forget(self.images[i].path)
+
+    def my_images(self, stage: str) -> np.ndarray:
+        """This rank's share of the images (all of them in one process), balanced by pixels."""
+        mine = shard([rec.width * rec.height for rec in self.ds])
+        log_shard(stage, len(mine))
+        return mine
 
     def stale(self, name: str) -> bool:
         stage = PIPELINE[STAGES.index(name)]
@@ -89,7 +93,11 @@ class TrainRun:
 def run_proposals(r: TrainRun) -> dict:
     from .proposals import compute_proposals
 
-    props = compute_proposals(r.ds.records, r.cache / "proposals", r.cfg.proposals, progress=r.progress)
+    props = compute_proposals([r.ds.records[i] for i in r.my_images("proposals")], r.cache / "proposals",
+                              r.cfg.proposals, progress=r.progress)
+    if world().distributed:  # the other ranks' images, from the shared cache
+        barrier()
+        props = compute_proposals(r.ds.records, r.cache / "proposals", r.cfg.proposals, progress=False)
     empty = 0
     for rec in r.ds:
         boxes = props.get(rec.image_id)
@@ -106,10 +114,12 @@ def run_proposals(r: TrainRun) -> dict:
 
 def run_features(r: TrainRun) -> dict:
     flips = (False, True) if (r.cfg.finetune.enabled and r.cfg.finetune.flip) else (False,)
-    stats = extract_all([rec.path for rec in r.ds], r.fcache, progress=r.progress, flips=flips)
-    if stats["failed"]:
-        path, why = stats["failed"][0]
-        raise DatasetError(f"{len(stats['failed'])} training images are unreadable, e.g. {path}: {why}")
+    stats = extract_all([r.ds.records[i].path for i in r.my_images("features")], r.fcache, progress=r.progress,
+                        flips=flips)
+    failed = [f for part in all_gather(stats["failed"]) for f in part]
+    if failed:
+        path, why = failed[0]
+        raise DatasetError(f"{len(failed)} training images are unreadable, e.g. {path}: {why}")
     return {"cache": str(r.fcache.dir), "computed": stats["computed"], "cached": stats["cached"]}
 
 
@@ -121,7 +131,8 @@ def _head(r: TrainRun, pool5_dim: int) -> FCHead:
 def run_finetune(r: TrainRun) -> dict:
     cfg = r.cfg
     unscaled = WindowEmbedder.from_config(cfg, r.backbone)
-    scale = estimate_pool5_scale(unscaled, r.images, r.features, cfg.svm.target_norm, seed=cfg.seed)
+    scale = broadcast(estimate_pool5_scale(unscaled, r.images, r.features, cfg.svm.target_norm, seed=cfg.seed)
+                      if world().main else None)
     head = _head(r, unscaled.pool5_dim) if cfg.finetune.enabled else None
     r.embedder = WindowEmbedder.from_config(cfg, r.backbone, head, pool5_scale=scale)
     info: dict = {"pool5_scale": scale}
@@ -133,9 +144,12 @@ def run_finetune(r: TrainRun) -> dict:
 
         info.update(finetune(head, r.images, pool, cfg.finetune, len(cfg.features.scales), cfg.seed, ckpt,
                              r.progress))
-        print(f"fine-tuning: {info}")
+        if world().main:
+            print(f"fine-tuning: {info}")
         arrays.update({f"head.{k}": v.numpy() for k, v in head.state_dict().items()})
-    atomic_save_npz(r.run / "finetune.npz", **arrays)
+    if world().main:
+        atomic_save_npz(r.run / "finetune.npz", **arrays)
+    barrier()
     return info
 
 
@@ -164,8 +178,9 @@ def _write_rows(r: TrainRun, want_svm: bool) -> float:
     want_bbox = r.cfg.bbox.enabled and r.stale("bbox")
     write_rows(r.embedder, r.images, [(rec.boxes, rec.labels) for rec in r.ds], r.features,
                svm_store if want_svm else None, bbox_store if want_bbox else None, r.cfg.bbox.iou_thresh,
-               r.progress, done=r.forget)
+               r.progress, done=r.forget, indices=r.my_images("svm rows" if want_svm else "bbox rows"))
     r.maps.clear()
+    barrier()  # every rank's rows are on disk
     return time.perf_counter() - t
 
 
@@ -173,12 +188,16 @@ def run_svm(r: TrainRun) -> dict:
     s, n = r.cfg.svm, len(r.ds)
     store = _row_stores(r)[0]
     rows_s = _write_rows(r, want_svm=True)
+    if not world().main:  # rank 0 trains the SVMs (seconds; not worth splitting)
+        barrier()
+        return {}
     scale = svm_feature_scale(store, n, s.norm_images, s.norm_boxes, s.target_norm, r.cfg.seed)
     W, b, summary = train_svms(svm_images(store, n, scale), len(r.ds.class_names), s, r.ds.class_names,
                                progress=r.progress)
     print(format_summary(summary))
     atomic_save_npz(r.run / "svm.npz", W=W, b=b, svm_scale=np.float64(scale))
     store.remove()
+    barrier()
     return {"feature_seconds": round(rows_s, 2),
             "summary": [{k: v for k, v in row.items() if isinstance(v, (int, float, str, bool))} for row in summary]}
 
@@ -188,6 +207,9 @@ def run_bbox(r: TrainRun) -> dict:
         return {"enabled": False}
     store = _row_stores(r)[1]
     rows_s = _write_rows(r, want_svm=False)
+    if not world().main:
+        barrier()
+        return {}
     reg = regression_examples(store, len(r.ds))
     if not len(reg["labels"]):
         raise DatasetError("box regression: no proposal overlaps a ground-truth box by more than "
@@ -197,10 +219,13 @@ def run_bbox(r: TrainRun) -> dict:
                                      progress=r.progress)
     atomic_save_npz(r.run / "bbox.npz", **regressor.to_arrays())
     store.remove()
+    barrier()
     return {"examples": int(len(reg["labels"])), "feature_seconds": round(rows_s, 2)}
 
 
 def run_model(r: TrainRun) -> dict:
+    if not world().main:
+        return {}
     z = load_npz(r.run / "svm.npz")
     if z is None:
         raise CacheError(f"{r.run / 'svm.npz'} is unreadable; delete it and run again")
@@ -238,14 +263,22 @@ def prepare(dataset: str, run_dir: str, cfg: Config, train_split: str = "trainva
     run.mkdir(parents=True, exist_ok=True)
     ds = load_training_set(dataset, train_split, cfg, image_dir)
     cfg.classes = list(ds.class_names)
-    (run / "config.yaml").write_text(cfg.dump())
-    print(f"training set: {len(ds)} images, {len(ds.class_names)} classes ({', '.join(ds.class_names)})")
-    r = TrainRun(cfg, run, Path(cache_root), ds, progress, StageRecords(run))
+    w = world()
+    check_same_config(params_digest({"config": relevant_config(cfg), "data": data_digest(ds)}))
+    check_shared_folder(Path(cache_root))
+    check_shared_folder(run)
+    if w.main:
+        (run / "config.yaml").write_text(cfg.dump())
+        print(f"training set: {len(ds)} images, {len(ds.class_names)} classes ({', '.join(ds.class_names)})"
+              + (f"; {w.size} processes" if w.distributed else ""))
+    r = TrainRun(cfg, run, Path(cache_root), ds, progress and w.main, StageRecords(run))
     torch.manual_seed(cfg.seed)  # before the backbone: building it draws from the generator, then the fc init does
     r.backbone = build_backbone(cfg.backbone)
     extractor = FeatureExtractor(r.backbone, cfg.features.scales, cfg.features.max_size, cfg.features.device)
     r.fcache = FeatureCache(r.cache / "features", extractor, cfg.features.cache_dtype)
+    r.maps = MapMemory(r.fcache, cfg.features.ram_cache_mb)
     r.digests = stage_digests(cfg, data_digest(ds), r.fcache.key)
+    barrier()  # every rank has read stages.json before rank 0 writes it again
     return r
 
 
@@ -256,16 +289,20 @@ def train(dataset: str, run_dir: str, cfg: Config, train_split: str = "trainval"
         raise ValueError(f"stop_after must be one of {', '.join(STAGES)}, got {stop_after!r}")
     r = prepare(dataset, run_dir, cfg, train_split, cache_root, progress, image_dir)
     for stage in PIPELINE[: STAGES.index(stop_after) + 1]:
+        fault_point(stage.name)
         if not r.stale(stage.name):
             stage.reuse(r)
             r.records.reuse(stage.name)
-            print(f"{stage.name}: done before with the same inputs, reused")
+            if world().main:
+                print(f"{stage.name}: done before with the same inputs, reused")
             continue
         t = time.perf_counter()
         info = stage.run(r)
         r.records.finish(stage.name, r.digests[stage.name], time.perf_counter() - t, **info)
-    print(r.records.report())
+    if world().main:
+        print(r.records.report())
     if stop_after != "model":
         return None
-    print(f"model written to {r.run / 'model.safetensors'}")
+    if world().main:
+        print(f"model written to {r.run / 'model.safetensors'}")
     return r.run / "model.safetensors"

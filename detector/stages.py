@@ -16,7 +16,7 @@ the stages it reads from, so a change propagates downstream and nowhere else:
     model      svm + bbox + finetune + the whole config but the settings below
 
 Settings that never change a result: `proposals.workers`, `features.device`,
-`finetune.checkpoint_every`, `backbone.download`.
+`features.ram_cache_mb`, `finetune.checkpoint_every`, `backbone.download`.
 """
 from __future__ import annotations
 
@@ -29,8 +29,8 @@ from .cache import atomic_write_json, params_digest
 STAGES = ("proposals", "features", "finetune", "svm", "bbox", "model")
 
 # (section, key) pairs that only change how fast or where a stage runs, never its result.
-IRRELEVANT = (("proposals", "workers"), ("features", "device"), ("finetune", "checkpoint_every"),
-              ("backbone", "download"))
+IRRELEVANT = (("proposals", "workers"), ("features", "device"), ("features", "ram_cache_mb"),
+              ("finetune", "checkpoint_every"), ("backbone", "download"))
 
 
 def relevant_config(cfg) -> dict:
@@ -82,9 +82,12 @@ class StageRecords:
         return self.done.get(name, {}).get("digest") == digest and all(Path(f).is_file() for f in files)
 
     def finish(self, name: str, digest: str, seconds: float, **info) -> None:
+        from .distributed import world
+
         self.done[name] = {"digest": digest, "seconds": round(seconds, 2), **info}
         self.ran[name] = seconds
-        atomic_write_json(self.path, self.done)
+        if world().main:  # under torchrun, rank 0 keeps the record
+            atomic_write_json(self.path, self.done)
 
     def reuse(self, name: str) -> None:
         self.reused.append(name)

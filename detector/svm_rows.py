@@ -68,12 +68,15 @@ def _regression_rows(p5: torch.Tensor, image: TrainImage, gt_boxes: np.ndarray, 
 
 def write_rows(embedder: WindowEmbedder, images: Sequence[TrainImage], gts: Sequence[tuple[np.ndarray, np.ndarray]],
                get_features: FeatureGetter, svm: Optional[RowStore], bbox: Optional[RowStore], bbox_iou: float,
-               progress: bool = True, done: Callable[[int], None] = lambda i: None) -> None:
-    """Write the missing row files of every image (SVM rows into `svm`, regression rows into
-    `bbox`; either may be None).  gts: per image (GT boxes, GT labels).  `done(i)` is
-    called after image i, e.g. to drop its conv maps from memory."""
+               progress: bool = True, done: Callable[[int], None] = lambda i: None,
+               indices: Optional[Sequence[int]] = None) -> None:
+    """Write the missing row files of the images at `indices` (default: all; SVM rows into
+    `svm`, regression rows into `bbox`; either may be None).  gts: per image (GT boxes, GT
+    labels).  `done(i)` is called after image i, e.g. to drop its conv maps from memory."""
     stores = [s for s in (svm, bbox) if s is not None]
-    for i, im in enumerate(tqdm(images, desc="SVM/regression rows", unit="img", disable=not progress)):
+    indices = range(len(images)) if indices is None else indices
+    for i in tqdm(indices, desc="SVM/regression rows", unit="img", disable=not progress):
+        im = images[i]
         if all(s.has(i) for s in stores):
             continue
         p5 = embedder.pool5(get_features(i, False), im.windows.boxes, name=f"windows of {im.path}")

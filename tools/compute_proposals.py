@@ -4,6 +4,10 @@
   python tools/compute_proposals.py --dataset data/BCCD --split trainval --workers 2
   python tools/compute_proposals.py --dataset data/BCCD --split test --set proposals.mode=quality
   python tools/compute_proposals.py --dataset data/BCCD --split test --export data/bccd_test_ss.npz
+  torchrun --nproc-per-node 2 tools/compute_proposals.py --dataset data/BCCD --split trainval
+
+Under torchrun each process searches its share of the images (balanced by pixels) into the
+shared cache; rank 0 then reports on (and exports) all of them.
 """
 import argparse
 import logging
@@ -34,11 +38,22 @@ def main(argv=None) -> int:
 
     cfg = load_config(args.config, args.overrides)
     from detector.datasets import load_dataset
+    from detector.distributed import barrier, check_shared_folder, init_from_env, log_shard, shard
 
+    w = init_from_env()
     ds = load_dataset(args.dataset, args.split, cfg.classes, args.image_dir)
-    print(f"{len(ds)} images, proposals: {cfg.proposals}")
-    props = compute_proposals(ds.records, args.cache, cfg.proposals, workers=args.workers,
-                              progress=not args.no_progress)
+    if w.main:
+        print(f"{len(ds)} images, proposals: {cfg.proposals}")
+    check_shared_folder(Path(args.cache))
+    mine = shard([r.width * r.height for r in ds.records])
+    log_shard("proposals", len(mine))
+    props = compute_proposals([ds.records[i] for i in mine], args.cache, cfg.proposals, workers=args.workers,
+                              progress=not args.no_progress and w.main)
+    if w.distributed:
+        barrier()
+        if not w.main:
+            return 1 if props.failed else 0
+        props = compute_proposals(ds.records, args.cache, cfg.proposals, progress=False)  # all, from the cache
     print(props.summary())
     counts = sorted(len(b) for b in props.values())
     if counts:

@@ -3,6 +3,10 @@
 
   python tools/extract_features.py --dataset data/synthetic --split trainval
   python tools/extract_features.py --images path/to/folder --shard 0/2   # and 1/2 in another process
+  torchrun --nproc-per-node 2 tools/extract_features.py --dataset data/synthetic --split trainval
+
+Under torchrun each process takes its share of the images (balanced by pixels), so --shard
+is not needed there.
 """
 import argparse
 import logging
@@ -10,12 +14,14 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from detector.cli import run_tool  # noqa: E402
 from detector.backbones import build_backbone  # noqa: E402
 from detector.config import add_config_args, load_config  # noqa: E402
-from detector.errors import DatasetError  # noqa: E402
+from detector.errors import DatasetError, InputError  # noqa: E402
 from detector.features import FeatureCache, FeatureExtractor, extract_all, list_images, parse_shard  # noqa: E402
 
 
@@ -34,7 +40,13 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
 
     cfg = load_config(args.config, args.overrides)
+    from detector.distributed import check_shared_folder, init_from_env, log_shard, shard as world_shard
+    from detector.images import ImageError, image_size
+
+    w = init_from_env()
     shard = parse_shard(args.shard)
+    if w.distributed and shard != (0, 1):
+        raise InputError("--shard splits the images by hand; under torchrun the processes split them already")
     if args.dataset:
         from detector.datasets import load_dataset
 
@@ -43,6 +55,17 @@ def main(argv=None) -> int:
         paths = list_images(args.images)
     if not paths:
         raise DatasetError(f"{args.images}: no image files found (.jpg, .png, ...)")
+    if w.distributed:
+        def pixels(p):
+            try:
+                return float(np.prod(image_size(p)))
+            except ImageError:
+                return 0.0  # unreadable: extract_all reports it
+
+        paths = sorted(paths)
+        paths = [paths[i] for i in world_shard([pixels(p) for p in paths])]
+        log_shard("features", len(paths))
+        check_shared_folder(Path(args.cache))
     print(f"backbone={cfg.backbone.name} scales={cfg.features.scales} max_size={cfg.features.max_size}")
     extractor = FeatureExtractor(build_backbone(cfg.backbone), cfg.features.scales, cfg.features.max_size,
                                  cfg.features.device)

@@ -5,6 +5,10 @@ Writes devkit result files (comp4_det_<split>_<class>.txt) and a COCO results js
 prints the per-class AP table and ends with `mAP = 0.xxxx`.
 
   python tools/test_voc.py --model data/runs/demo/model.safetensors --dataset data/synthetic --split test
+  torchrun --nproc-per-node 2 tools/test_voc.py --model ... --dataset ...   # images split over processes
+
+Under torchrun each process detects its share of the images; rank 0 gathers the detections,
+scores them and writes the result files.
 """
 import argparse
 import logging
@@ -36,21 +40,25 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
     import detector
+    from detector.distributed import init_from_env
     from detector.datasets import load_dataset
     from detector.evaluation import coco_gt_from_arrays, detection_counts, eval_coco, format_ap_table
     from detector.inference import detect_dataset, score_detections
     from detector.result_files import write_coco_results, write_voc_results
     from detector.visualize import save_detections
 
+    w = init_from_env()
     model = detector.load(args.model)
     model.configure_test(args.overrides)
     # Labels follow the model's class list; an object of a class the model does not know is
     # an error naming its annotation file.
     ds = load_dataset(args.dataset, args.split, model.class_names, args.image_dir)
     out = Path(args.out) if args.out else Path(args.model).parent / f"test_{args.split}"
-    out.mkdir(parents=True, exist_ok=True)
     results, info = detect_dataset(model, ds, args.cache, progress=not args.quiet,
                                    box_regression=not args.no_box_regression)
+    if not w.main:  # rank 0 scores and writes
+        return 0
+    out.mkdir(parents=True, exist_ok=True)
     ids = [r.image_id for r in ds]
     boxes = [r["boxes"] for r in results]
     labels = [r["labels"] for r in results]

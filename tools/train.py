@@ -3,6 +3,12 @@
 fine-tuning -> SVMs -> box regression -> RUN_DIR/model.safetensors.  Stages resume.
 
   python tools/train.py --dataset data/synthetic --out data/runs/demo --config configs/synthetic.yaml
+  torchrun --nproc-per-node 2 tools/train.py --dataset ... --out ...      # K processes, or N machines:
+  torchrun --nnodes N --nproc-per-node K --rdzv-backend c10d --rdzv-endpoint HOST:PORT tools/train.py ...
+
+Under torchrun the per-image stages are split over the processes, fine-tuning runs with
+DistributedDataParallel, and rank 0 trains the SVMs and regressors; --cache and --out must be
+on a file system every node shares (README, "Many machines").
 """
 import argparse
 import logging
@@ -29,9 +35,12 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     cfg = load_config(args.config, args.overrides)
-    print("config:\n" + cfg.dump())
     # imported here: spawned proposal workers re-import this script and need not load torch
+    from detector.distributed import init_from_env
     from detector.pipeline import train
+
+    if init_from_env().main:
+        print("config:\n" + cfg.dump())
     path = train(args.dataset, args.out, cfg, args.train_split, args.cache, progress=not args.quiet,
                  stop_after=args.stop_after, image_dir=args.image_dir)
     return 0 if path is not None or args.stop_after != "model" else 1

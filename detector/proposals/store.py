@@ -160,7 +160,8 @@ def compute_proposals(records_or_image_paths: Iterable, cache_dir: Union[str, os
 
     `cfg` is a ProposalConfig.  Existing valid cache entries are read, not
     recomputed; corrupt ones are recomputed.  Missing work runs in `workers`
-    spawned processes (default `cfg.workers`, where 0 means every usable core;
+    spawned processes (default `cfg.workers`, where 0 means every usable core, divided
+    among the processes torchrun started on this machine;
     1 OpenCV thread each; workers <= 1: in this process).  An unreadable
     image is logged with its file name, skipped (an empty array) and listed in
     `.failed`; the rest is still done.
@@ -169,7 +170,8 @@ def compute_proposals(records_or_image_paths: Iterable, cache_dir: Union[str, os
 
     t0 = time.perf_counter()
     workers = cfg.workers if workers is None else workers
-    workers = usable_cores() if workers <= 0 else workers
+    if workers <= 0:  # every usable core, shared with the other processes torchrun started on this machine
+        workers = max(1, usable_cores() // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     store = ProposalStore(cache_dir, cfg)
     items = _items(records_or_image_paths)
     out = ProposalSet(cache_dir=str(store.dir))
