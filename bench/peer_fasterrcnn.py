@@ -207,6 +207,7 @@ def train_phase(spec: dict, records: list) -> dict:
     per_epoch = math.ceil(n / batch)
     warmup = min(1000, per_epoch - 1)
     start, train_s, total, s_per_iter = 0, 0.0, spec["iterations"], None
+    iter_times: list = []  # seconds of each iteration (checkpoint writes apart), for a load-robust median
     status = "trained from scratch"
     if ckpt_path.is_file():
         state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
@@ -219,6 +220,7 @@ def train_phase(spec: dict, records: list) -> dict:
         torch.set_rng_state(state["torch_rng"])
         start, train_s = state["iteration"], state["train_seconds"]
         total, s_per_iter = state["total"], state["s_per_iter"]
+        iter_times = list(state.get("iter_times", []))
         status = f"resumed at iteration {start} from {ckpt_path}"
         print(f"training: {status} ({train_s:.0f} s of training done)", flush=True)
     budget_s = spec["minutes"] * 60.0 if spec["minutes"] else None
@@ -226,7 +228,7 @@ def train_phase(spec: dict, records: list) -> dict:
     def checkpoint(it_done: int) -> None:
         save_atomic({"signature": sig, "model": model.state_dict(), "optimizer": opt.state_dict(),
                      "torch_rng": torch.get_rng_state(), "iteration": it_done, "train_seconds": train_s,
-                     "total": total, "s_per_iter": s_per_iter}, ckpt_path)
+                     "total": total, "s_per_iter": s_per_iter, "iter_times": iter_times}, ckpt_path)
 
     model.train()
     tty = sys.stderr.isatty()
@@ -267,6 +269,7 @@ def train_phase(spec: dict, records: list) -> dict:
                    f"the {spec['minutes']:g}-minute budget fixes the run at {total} iterations "
                    f"({total / per_epoch:.1f} epochs)")
             bar.write(msg) if spec["progress"] else print(msg, flush=True)
+        iter_times.append(time.perf_counter() - t0)
         if it % spec["checkpoint_every"] == 0 or it == total:
             train_s += time.perf_counter() - t0
             t0 = time.perf_counter()
@@ -281,6 +284,8 @@ def train_phase(spec: dict, records: list) -> dict:
     ru = resource.getrusage(resource.RUSAGE_SELF)
     meta = {"signature": sig, "iterations": int(total), "epochs": total / per_epoch, "train_seconds": train_s,
             "s_per_iter_calibration": s_per_iter, "warmup": warmup, "final_loss": last_loss,
+            "iter_median_s": float(np.median(iter_times)) if iter_times else float("nan"),
+            "iter_timed": len(iter_times),
             "peak_rss_mb": ru.ru_maxrss / MB,
             "trainable_params": int(sum(p.numel() for p in params)),
             "total_params": int(sum(p.numel() for p in model.parameters()))}
@@ -574,9 +579,12 @@ def main(argv=None) -> int:
     train_phase_s = time.perf_counter() - t0
     print(f"training: {tr['status']}; {tr['iterations']} iterations ({tr['epochs']:.2f} epochs), "
           f"{tr['train_seconds']:.1f} s in the training loop ({tr['train_seconds'] / 60:.1f} min, "
-          f"{tr['train_seconds'] / tr['iterations']:.2f} s/iteration), this phase {train_phase_s:.1f} s "
-          f"wall with start-up; final loss {tr['final_loss']:.3f}; trainable parameters {tr['trainable_params']:,} "
-          f"of {tr['total_params']:,}; peak RSS {tr['peak_rss_mb']:.0f} MB", flush=True)
+          f"{tr['train_seconds'] / tr['iterations']:.2f} s/iteration; median iteration "
+          f"{tr.get('iter_median_s', float('nan')):.2f} s over {tr.get('iter_timed', 0)} timed, i.e. "
+          f"{tr.get('iter_median_s', float('nan')) * tr['iterations'] / 60:.1f} min at the median pace, which other "
+          f"load inflates less), this phase {train_phase_s:.1f} s wall with start-up; final loss "
+          f"{tr['final_loss']:.3f}; trainable parameters {tr['trainable_params']:,} of {tr['total_params']:,}; "
+          f"peak RSS {tr['peak_rss_mb']:.0f} MB", flush=True)
     pt = in_fresh_process(test_peer_phase, spec, test_recs)
     peer_s = common.median(pt["times"])
     print(f"peer test: {len(test_recs)} images, median {peer_s:.4f} s per image (decoded image -> detections), "
