@@ -287,12 +287,14 @@ def train_box_regressors(
     """One ridge regressor per class (see the module docstring).
 
     features: [N, D] pool5, already rescaled to mean norm 20 (the constant 1 is
-    appended here); boxes, gt_boxes: [N, 4] examples and their assigned GTs;
+    appended here), an array or an array-like read in row chunks; boxes, gt_boxes: [N, 4] examples and their assigned GTs;
     labels: [N] class of the assigned GT.  A class with no examples is left
     untrained (boxes unchanged); one with fewer than min_examples (a 4-d
     covariance needs 5 points) is trained without whitening.  Both warn.
     """
-    x = np.asarray(features)  # float16/32 stay as they are: ridge_solve upcasts chunk by chunk
+    # float16/32 stay as they are (ridge_solve upcasts chunk by chunk), and an array-like with a
+    # shape that reads rows on demand (detector.svm_rows.StoredRows) is never materialised
+    x = features if hasattr(features, "shape") and hasattr(features, "__getitem__") else np.asarray(features)
     if x.ndim != 2:
         raise ValueError(f"train_box_regressors: features must be [N, D], got shape {x.shape}")
     labels = np.asarray(labels, np.int64).reshape(-1)

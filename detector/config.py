@@ -38,7 +38,7 @@ class FeatureConfig:
     scale_rule: str = "paper"  # paper: window area nearest 224^2 | code: round(208*min(H,W)/sqrt(area))
     cache_dtype: str = "float16"
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    ram_cache_mb: int = 2048  # conv maps kept in memory while training (least recently used go first)
+    ram_cache_mb: int = 1024  # conv maps kept in memory while training (least recently used go first)
 
 
 @dataclass

@@ -169,7 +169,7 @@ class MapMemory:
     (BCCD: ~320 MB with mirror maps); beyond the budget, maps are read back from the cache on
     disk, which keeps a training's memory flat in the number of images."""
 
-    def __init__(self, cache: FeatureCache, budget_mb: int = 2048):
+    def __init__(self, cache: FeatureCache, budget_mb: int = 1024):
         from collections import OrderedDict
 
         self.cache = cache
