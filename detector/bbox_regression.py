@@ -287,7 +287,8 @@ def train_box_regressors(
     """One ridge regressor per class (see the module docstring).
 
     features: [N, D] pool5, already rescaled to mean norm 20 (the constant 1 is
-    appended here), an array or an array-like read in row chunks; boxes, gt_boxes: [N, 4] examples and their assigned GTs;
+    appended here), an array or an array-like read in row chunks; boxes, gt_boxes: [N, 4]
+    examples and their assigned GTs;
     labels: [N] class of the assigned GT.  A class with no examples is left
     untrained (boxes unchanged); one with fewer than min_examples (a 4-d
     covariance needs 5 points) is trained without whitening.  Both warn.

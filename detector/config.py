@@ -278,8 +278,10 @@ def validate(cfg: Config) -> None:
     _check(b.name in BACKBONE_NAMES, f"backbone.name must be one of {', '.join(BACKBONE_NAMES)}, got {b.name!r}")
     _check(b.cut in ("stride16", "stride32"), f"backbone.cut must be stride16 or stride32, got {b.cut!r}")
     _check(_ints(f.scales, 32), f"features.scales must be a non-empty list of integers >= 32, got {f.scales}")
-    _check(f.scale_rule in ("paper", "code"), f"features.scale_rule must be 'paper' or 'code', got {f.scale_rule!r}")
-    _check(f.max_size >= max(f.scales), f"features.max_size ({f.max_size}) is below the largest scale ({max(f.scales)})")
+    _check(f.scale_rule in ("paper", "code"), f"features.scale_rule must be 'paper' or 'code', "
+                                              f"got {f.scale_rule!r}")
+    _check(f.max_size >= max(f.scales), f"features.max_size ({f.max_size}) is below the largest scale "
+                                        f"({max(f.scales)})")
     _check(f.cache_dtype in ("float16", "float32"), f"features.cache_dtype must be float16 or float32, "
                                                     f"got {f.cache_dtype!r}")
     _check(f.ram_cache_mb >= 0, f"features.ram_cache_mb must be >= 0, got {f.ram_cache_mb}")
@@ -292,8 +294,8 @@ def validate(cfg: Config) -> None:
     _check(_ints(cfg.spp.levels, 1), f"spp.levels must be positive integers, got {cfg.spp.levels}")
     _check(cfg.spp.projection in ("code", "paper"), f"spp.projection must be 'code' or 'paper', "
                                                     f"got {cfg.spp.projection!r}")
-    _check(len(ft.fc_dims) == 2 and _ints(ft.fc_dims, 1), f"finetune.fc_dims must list two sizes (fc6, fc7), "
-                                                           f"got {ft.fc_dims}")
+    _check(len(ft.fc_dims) == 2 and _ints(ft.fc_dims, 1),
+           f"finetune.fc_dims must list two sizes (fc6, fc7), got {ft.fc_dims}")
     _check(0 <= ft.dropout < 1, f"finetune.dropout must be in [0, 1), got {ft.dropout}")
     _check(ft.iterations >= 0 and ft.batch_size >= 2 and ft.checkpoint_every >= 1 and ft.lr > 0,
            "finetune: iterations >= 0, batch_size >= 2, checkpoint_every >= 1 and lr > 0 are needed")

@@ -157,7 +157,8 @@ class SPPDetector:
         tensors["pool5_scale"] = torch.tensor([emb.pool5_scale], dtype=torch.float64)
         tensors["svm_scale"] = torch.tensor([emb.feature_scale], dtype=torch.float64)
         if self.regressor is not None:
-            tensors.update({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in self.regressor.to_arrays().items()})
+            tensors.update({k: torch.from_numpy(np.ascontiguousarray(v))
+                            for k, v in self.regressor.to_arrays().items()})
         meta = {"config": self.cfg.to_dict(), "class_names": self.class_names,
                 "backbone": {"name": bb.name, "weights_id": bb.weights_id, **bb.geometry()}}
         write_model_file(path, FORMAT, FORMAT_VERSION, meta, tensors)

@@ -128,7 +128,8 @@ def check_tensors(path: Path, tensors: Mapping[str, torch.Tensor], expected: Map
                               f"{tuple(shape)} and {dtype}")
     extra = sorted(set(tensors) - set(expected))
     if extra:
-        raise _fail(path, f"unexpected tensor {extra[0]!r}" + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""))
+        more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
+        raise _fail(path, f"unexpected tensor {extra[0]!r}{more}")
 
 
 def expected_state(prefix: str, module: torch.nn.Module) -> dict[str, tuple]:

@@ -139,6 +139,7 @@ def run_finetune(r: TrainRun) -> dict:
     arrays = {"pool5_scale": np.float64(scale)}
     if head is not None:
         ckpt = r.run / f"finetune_ckpt_{r.digests['finetune']}.pt"
+
         def pool(pairs, flips, scales):
             return pool_pairs(r.embedder, r.images, pairs, flips, scales, r.features)
 

@@ -28,7 +28,8 @@ def main(argv=None) -> int:
     ap.add_argument("--image-dir", default=None, help="COCO only: the images' folder (default: the json's folder)")
     ap.add_argument("--split", default="trainval", help="ImageSets/Main/<split>.txt")
     ap.add_argument("--cache", default="data/cache/proposals", help="proposal cache root")
-    ap.add_argument("--workers", type=int, default=None, help="worker processes (default: proposals.workers; 0: every usable core)")
+    ap.add_argument("--workers", type=int, default=None,
+                    help="worker processes (default: proposals.workers; 0: every usable core)")
     ap.add_argument("--export", default=None, metavar="FILE.npz",
                     help="also write all boxes to one .npz file (detector.proposals.files format)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -29,7 +29,8 @@ def main(argv=None) -> int:
     ap.add_argument("--proposals", default=None, metavar="FILE",
                     help="R-CNN .mat or our .npz; default: selective search through the cache")
     ap.add_argument("--cache", default="data/cache/proposals", help="proposal cache root")
-    ap.add_argument("--workers", type=int, default=None, help="worker processes (default: proposals.workers; 0: every usable core)")
+    ap.add_argument("--workers", type=int, default=None,
+                    help="worker processes (default: proposals.workers; 0: every usable core)")
     ap.add_argument("--top-ns", type=int, nargs="+", default=list(TOP_NS), help="proposal counts to report")
     ap.add_argument("--plot", default=None, metavar="OUT.png", help="recall vs number of proposals")
     ap.add_argument("--json", default=None, metavar="OUT.json", help="write the figures as JSON")

@@ -13,8 +13,8 @@ from .records import Dataset, ImageRecord
 from .validate import DatasetError, DatasetWarning, validate_dataset
 from .voc import VOCDataset, load_voc, read_voc_classes
 
-__all__ = ["load_dataset", "Dataset", "ImageRecord", "load_voc", "read_voc_classes", "VOCDataset", "load_coco", "voc_to_coco_dict",
-           "COCODataset", "DatasetError", "DatasetWarning", "validate_dataset", "make_synthetic"]
+__all__ = ["load_dataset", "Dataset", "ImageRecord", "load_voc", "read_voc_classes", "VOCDataset", "load_coco",
+           "voc_to_coco_dict", "COCODataset", "DatasetError", "DatasetWarning", "validate_dataset", "make_synthetic"]
 
 
 def load_dataset(path: str | os.PathLike, split: str = "trainval", class_names: Optional[Sequence[str]] = None,

@@ -48,8 +48,8 @@ def _select(path: PathLike, found: list[str], boxes: list[np.ndarray],
     missing = [iid for iid in image_ids if iid not in pos]
     if missing:
         raise ProposalsError(f"{path}: {len(missing)} of the dataset's {len(image_ids)} image ids have no "
-                         f"proposals in the file, first: {_preview(missing)}; the file has "
-                         f"{len(found)} images, first: {_preview(found)}")
+                             f"proposals in the file, first: {_preview(missing)}; the file has "
+                             f"{len(found)} images, first: {_preview(found)}")
     return {iid: boxes[pos[iid]] for iid in image_ids}
 
 
@@ -59,7 +59,7 @@ def _mat_cells(arr, path: PathLike, var: str) -> list:
     if arr.dtype == object:
         return list(arr.ravel(order="F"))  # MATLAB cell arrays are column-major
     raise ProposalsError(f"{path}: variable '{var}' should be a cell array (one entry per image), "
-                     f"got a {arr.dtype} array of shape {arr.shape}")
+                         f"got a {arr.dtype} array of shape {arr.shape}")
 
 
 def _mat_string(x) -> str:
@@ -97,7 +97,7 @@ def load_rcnn_mat(path: PathLike, image_ids: Optional[Sequence[str]] = None) -> 
         mat = scipy.io.loadmat(str(path))
     except NotImplementedError as e:  # scipy's message for v7.3 (HDF5) files
         raise ProposalsError(f"{path}: MATLAB v7.3 (HDF5) files are not supported; re-save it in MATLAB "
-                         f"with save(..., '-v7') ({e})") from e
+                             f"with save(..., '-v7') ({e})") from e
     except (ValueError, OSError, TypeError) as e:
         raise ProposalsError(f"{path}: not a readable MATLAB .mat file ({e})") from e
     names = sorted(k for k in mat if not k.startswith("__"))
@@ -112,7 +112,7 @@ def load_rcnn_mat(path: PathLike, image_ids: Optional[Sequence[str]] = None) -> 
             continue
         if a.ndim != 2 or a.shape[1] != 4 or a.dtype.kind not in "iuf":
             raise ProposalsError(f"{path}: boxes entry {i + 1} should be a numeric n x 4 matrix "
-                             f"(y1 x1 y2 x2), got {a.dtype} of shape {a.shape}")
+                                 f"(y1 x1 y2 x2), got {a.dtype} of shape {a.shape}")
         boxes.append(rcnn_to_xyxy(a))
 
     if "images" in mat:
@@ -129,11 +129,11 @@ def load_rcnn_mat(path: PathLike, image_ids: Optional[Sequence[str]] = None) -> 
         return _select(path, found, boxes, image_ids)
     if image_ids is None:
         raise ProposalsError(f"{path}: the file has no 'images' variable, so give the dataset's image ids "
-                         f"to match its {len(boxes)} entries by position")
+                             f"to match its {len(boxes)} entries by position")
     if len(image_ids) != len(boxes):
         raise ProposalsError(f"{path}: the file has no 'images' variable, so its boxes can only be matched "
-                         f"by position, but it has {len(boxes)} entries and the dataset has "
-                         f"{len(image_ids)} images (first ids: {_preview(image_ids)})")
+                             f"by position, but it has {len(boxes)} entries and the dataset has "
+                             f"{len(image_ids)} images (first ids: {_preview(image_ids)})")
     return dict(zip(image_ids, boxes))
 
 
@@ -178,7 +178,7 @@ def read_proposals_npz(path: PathLike, image_ids: Optional[Sequence[str]] = None
     if (len(off) != len(ids) + 1 or off.dtype.kind not in "iu" or (len(off) and off[0] != 0)
             or np.any(np.diff(off) < 0) or off[-1] != len(boxes)):
         raise ProposalsError(f"{path}: 'offsets' must be {len(ids) + 1} non-decreasing integers from 0 to "
-                         f"{len(boxes)} (the number of boxes)")
+                             f"{len(boxes)} (the number of boxes)")
     found = [str(i) for i in ids]
     per = [boxes[off[i]:off[i + 1]] for i in range(len(found))]
     return _select(path, found, per, image_ids)

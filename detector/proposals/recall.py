@@ -10,6 +10,7 @@ import numpy as np
 AR_IOUS = tuple(round(0.5 + 0.05 * i, 2) for i in range(10))  # 0.50:0.05:0.95 (Hosang et al.)
 TOP_NS = (100, 300, 1000, 2000)
 
+
 def _as_boxes(a, what: str, i: int) -> np.ndarray:
     arr = np.asarray(a, np.float64)
     if arr.size == 0:
