@@ -314,7 +314,6 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     common.print_header("SPP-net vs R-CNN-style features, same backbone, proposals, fc and SVM recipe")
     model = detector.load(args.model)
-    K = len(model.class_names)
     pcfg = model.cfg.proposals
     cache = Path(args.cache) / "proposals"
     ext1 = model.extractor

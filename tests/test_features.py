@@ -1,18 +1,14 @@
 """Conv features once per image per scale, their cache, image conversion and box pooling."""
-import os
-import warnings
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from detector.backbones import efficientnet_lite0, zf5
+from detector.backbones import efficientnet_lite0
 from detector.features import FeatureCache, FeatureExtractor, extract_all, list_images, parse_shard
 from detector.errors import InputError
 from detector.images import ImageError, load_image
-from detector.projection import project_boxes
-from detector.spp import spatial_pyramid_pool
 
 
 @pytest.fixture(scope="module")
