@@ -33,18 +33,23 @@ def detect_main(argv=None) -> int:
     ap.add_argument("--thresh", type=float, default=0.0, help="print and draw detections scoring above this")
     ap.add_argument("--set", dest="overrides", nargs="+", default=[], metavar="test.KEY=VALUE",
                     help="test-time settings, e.g. --set test.max_per_image=50 (after the images)")
+    ap.add_argument("--proposals", default=None, metavar="FILE",
+                    help="published proposals (.mat or our .npz), keyed by each image's file name without extension")
+    ap.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda or cuda:N")
     args = ap.parse_args(argv)
 
     import detector
     from detector.errors import InputError
+    from detector.proposals import load_proposals
     from detector.visualize import save_detections
 
-    model = detector.load(args.model)
+    model = detector.load(args.model, device=args.device)
     model.configure_test(args.overrides)
+    props = load_proposals(args.proposals, [Path(p).stem for p in args.images]) if args.proposals else {}
     failed = []
     for path, png in zip(args.images, output_paths(args.images, Path(args.out))):
         try:
-            res = model.detect(path)
+            res = model.detect(path, proposals=props.get(Path(path).stem))
         except InputError as e:  # one bad image must not stop the rest
             print(f"error: {e}; skipped", file=sys.stderr)
             failed.append(path)

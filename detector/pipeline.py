@@ -24,7 +24,7 @@ import torch
 
 from .backbones import Backbone, build_backbone
 from .bbox_regression import BoxRegressor, train_box_regressors
-from .cache import atomic_save_npz, load_npz, params_digest
+from .cache import atomic_save_npz, file_digest, load_npz, params_digest
 from .config import Config
 from .datasets import load_dataset
 from .datasets.records import Dataset
@@ -35,6 +35,7 @@ from .distributed import (all_gather, barrier, broadcast, check_same_config, che
 from .features import FeatureCache, FeatureExtractor, MapMemory, extract_all
 from .finetune import TrainImage, estimate_pool5_scale, finetune, pool_pairs
 from .heads import FCHead
+from .proposals.files import dataset_proposals
 from .labeling import label_windows
 from .model import SPPDetector
 from .stages import STAGES, StageRecords, data_digest, relevant_config, stage_digests
@@ -70,6 +71,7 @@ class TrainRun:
     images: list = field(default_factory=list)  # TrainImage per record
     embedder: Optional[WindowEmbedder] = None
     maps: Optional[MapMemory] = None
+    proposals_file: Optional[str] = None  # published proposals instead of selective search
 
     def features(self, i: int, flip: bool):
         return self.maps.get(self.images[i].path, flip)
@@ -91,13 +93,12 @@ class TrainRun:
 # --------------------------------------------------------------------------- the stages
 
 def run_proposals(r: TrainRun) -> dict:
-    from .proposals import compute_proposals
-
-    props = compute_proposals([r.ds.records[i] for i in r.my_images("proposals")], r.cache / "proposals",
-                              r.cfg.proposals, progress=r.progress)
-    if world().distributed:  # the other ranks' images, from the shared cache
-        barrier()
-        props = compute_proposals(r.ds.records, r.cache / "proposals", r.cfg.proposals, progress=False)
+    if r.proposals_file is not None:
+        props = dataset_proposals(r.proposals_file, r.ds.records)
+        computed = cached = 0
+    else:
+        props = _searched_proposals(r)
+        computed, cached = props.computed, props.cached
     empty = 0
     for rec in r.ds:
         boxes = props.get(rec.image_id)
@@ -109,7 +110,18 @@ def run_proposals(r: TrainRun) -> dict:
     if empty:
         log.warning("%d training images have no proposals; only their ground-truth boxes are used", empty)
     return {"boxes_per_image": float(np.mean([len(v) for v in props.values()])) if props else 0.0,
-            "computed": props.computed, "cached": props.cached}
+            "computed": computed, "cached": cached, "file": r.proposals_file}
+
+
+def _searched_proposals(r: TrainRun) -> dict:
+    from .proposals import compute_proposals
+
+    props = compute_proposals([r.ds.records[i] for i in r.my_images("proposals")], r.cache / "proposals",
+                              r.cfg.proposals, progress=r.progress)
+    if world().distributed:  # the other ranks' images, from the shared cache
+        barrier()
+        props = compute_proposals(r.ds.records, r.cache / "proposals", r.cfg.proposals, progress=False)
+    return props
 
 
 def run_features(r: TrainRun) -> dict:
@@ -257,7 +269,7 @@ assert tuple(s.name for s in PIPELINE) == STAGES
 
 
 def prepare(dataset: str, run_dir: str, cfg: Config, train_split: str = "trainval", cache_root: str = "data/cache",
-            progress: bool = True, image_dir: Optional[str] = None) -> TrainRun:
+            progress: bool = True, image_dir: Optional[str] = None, proposals_file: Optional[str] = None) -> TrainRun:
     """Load the training set, build the backbone and feature cache, and compute every digest."""
     cfg = copy.deepcopy(cfg)  # the caller's config is never changed
     run = Path(run_dir)
@@ -278,17 +290,24 @@ def prepare(dataset: str, run_dir: str, cfg: Config, train_split: str = "trainva
     extractor = FeatureExtractor(r.backbone, cfg.features.scales, cfg.features.max_size, cfg.features.device)
     r.fcache = FeatureCache(r.cache / "features", extractor, cfg.features.cache_dtype)
     r.maps = MapMemory(r.fcache, cfg.features.ram_cache_mb)
-    r.digests = stage_digests(cfg, data_digest(ds), r.fcache.key)
+    if proposals_file is not None:
+        if not Path(proposals_file).is_file():
+            raise FileNotFoundError(f"proposals file not found: {proposals_file}")
+        r.proposals_file = str(proposals_file)
+    r.digests = stage_digests(cfg, data_digest(ds), r.fcache.key,
+                              file_digest(proposals_file) if proposals_file else None)
     barrier()  # every rank has read stages.json before rank 0 writes it again
     return r
 
 
 def train(dataset: str, run_dir: str, cfg: Config, train_split: str = "trainval", cache_root: str = "data/cache",
-          progress: bool = True, stop_after: str = "model", image_dir: Optional[str] = None) -> Optional[Path]:
-    """Run (or resume) the stages up to `stop_after`; returns the model file's path when it is written."""
+          progress: bool = True, stop_after: str = "model", image_dir: Optional[str] = None,
+          proposals_file: Optional[str] = None) -> Optional[Path]:
+    """Run (or resume) the stages up to `stop_after`; returns the model file's path when it is
+    written.  proposals_file: R-CNN .mat or our .npz boxes to train on instead of selective search."""
     if stop_after not in STAGES:
         raise ValueError(f"stop_after must be one of {', '.join(STAGES)}, got {stop_after!r}")
-    r = prepare(dataset, run_dir, cfg, train_split, cache_root, progress, image_dir)
+    r = prepare(dataset, run_dir, cfg, train_split, cache_root, progress, image_dir, proposals_file)
     for stage in PIPELINE[: STAGES.index(stop_after) + 1]:
         fault_point(stage.name)
         if not r.stale(stage.name):

@@ -6,7 +6,7 @@ before it imports anything heavy (spawned selective-search workers re-import the
 Each stage's digest hashes only the settings that change its result, plus the digests of
 the stages it reads from, so a change propagates downstream and nowhere else:
 
-    proposals  search options (not `workers`)
+    proposals  search options (not `workers`), or the content of a proposals file
     features   the feature-cache key (backbone, weights, scales, max_size, dtype) and flips
     finetune   "base" (data, proposals, feature key, levels, projection, scale rule, seed,
                target norm: everything pool5 depends on) + finetune settings (not
@@ -47,12 +47,13 @@ def data_digest(ds) -> str:
                           "labels": [r.labels.tolist() for r in ds], "classes": list(ds.class_names)})
 
 
-def stage_digests(cfg, data_sig: str, feature_key: str) -> dict[str, str]:
+def stage_digests(cfg, data_sig: str, feature_key: str, proposals_file: str | None = None) -> dict[str, str]:
     """Digest of every stage's inputs (see the module docstring), plus the per-image row
-    sets the SVM and box-regression stages train from ("svm_rows", "bbox_rows")."""
+    sets the SVM and box-regression stages train from ("svm_rows", "bbox_rows").
+    proposals_file: the digest of a published proposals file used instead of selective search."""
     c = relevant_config(cfg)
     flips = bool(cfg.finetune.enabled and cfg.finetune.flip)
-    d = {"proposals": params_digest(c["proposals"]),
+    d = {"proposals": params_digest({"file": proposals_file} if proposals_file else c["proposals"]),
          "features": params_digest({"key": feature_key, "flips": flips})}
     base = params_digest({"data": data_sig, "proposals": d["proposals"], "features": feature_key,
                           "levels": c["spp"]["levels"], "projection": c["spp"]["projection"],

@@ -31,9 +31,12 @@ def main(argv=None) -> int:
     ap.add_argument("--vis", type=int, default=0, help="also draw the first N images' detections")
     ap.add_argument("--vis-thresh", type=float, default=0.0, help="score threshold for drawing")
     ap.add_argument("--cache", default="data/cache", help="proposal cache root")
+    ap.add_argument("--proposals", default=None, metavar="FILE",
+                    help="published proposals (.mat or our .npz) instead of selective search")
     ap.add_argument("--no-box-regression", action="store_true")
     ap.add_argument("--coco", action="store_true", help="also print COCO AP@[.5:.95] via pycocotools")
     ap.add_argument("--quiet", action="store_true")
+    ap.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda or cuda:N")
     ap.add_argument("--set", dest="overrides", nargs="+", default=[], metavar="test.KEY=VALUE",
                     help="test-time settings, e.g. --set test.nms_iou=0.4 test.max_per_image=50")
     args = ap.parse_args(argv)
@@ -44,18 +47,20 @@ def main(argv=None) -> int:
     from detector.datasets import load_dataset
     from detector.evaluation import coco_gt_from_arrays, detection_counts, eval_coco, format_ap_table
     from detector.inference import detect_dataset, score_detections
+    from detector.proposals import dataset_proposals
     from detector.result_files import write_coco_results, write_voc_results
     from detector.visualize import save_detections
 
     w = init_from_env()
-    model = detector.load(args.model)
+    model = detector.load(args.model, device=args.device)
     model.configure_test(args.overrides)
     # Labels follow the model's class list; an object of a class the model does not know is
     # an error naming its annotation file.
     ds = load_dataset(args.dataset, args.split, model.class_names, args.image_dir)
     out = Path(args.out) if args.out else Path(args.model).parent / f"test_{args.split}"
+    props = dataset_proposals(args.proposals, ds.records) if args.proposals else None
     results, info = detect_dataset(model, ds, args.cache, progress=not args.quiet,
-                                   box_regression=not args.no_box_regression)
+                                   box_regression=not args.no_box_regression, proposals=props)
     if not w.main:  # rank 0 scores and writes
         return 0
     out.mkdir(parents=True, exist_ok=True)

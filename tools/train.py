@@ -30,11 +30,15 @@ def main(argv=None) -> int:
     ap.add_argument("--train-split", default="trainval")
     ap.add_argument("--cache", default="data/cache", help="proposal and feature cache root")
     ap.add_argument("--stop-after", default="model", choices=STAGES, help="run the stages up to this one")
+    ap.add_argument("--proposals", default=None, metavar="FILE",
+                    help="published proposals (R-CNN/Fast R-CNN .mat, or our .npz from compute_proposals.py "
+                         "--export) instead of selective search; every training image must be in it")
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
+    ap.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N (sets features.device)")
     add_config_args(ap)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config, args.overrides + ([f"features.device={args.device}"] if args.device else []))
     # imported here: spawned proposal workers re-import this script and need not load torch
     from detector.distributed import init_from_env
     from detector.pipeline import train
@@ -42,7 +46,7 @@ def main(argv=None) -> int:
     if init_from_env().main:
         print("config:\n" + cfg.dump())
     path = train(args.dataset, args.out, cfg, args.train_split, args.cache, progress=not args.quiet,
-                 stop_after=args.stop_after, image_dir=args.image_dir)
+                 stop_after=args.stop_after, image_dir=args.image_dir, proposals_file=args.proposals)
     return 0 if path is not None or args.stop_after != "model" else 1
 
 

@@ -184,6 +184,18 @@ def read_proposals_npz(path: PathLike, image_ids: Optional[Sequence[str]] = None
     return _select(path, found, per, image_ids)
 
 
+def dataset_proposals(path: PathLike, records: Sequence) -> dict[str, np.ndarray]:
+    """A proposals file's boxes for every record (an ImageRecord: image_id, width, height),
+    each checked to lie inside its image; a missing id or a bad box names the file."""
+    from ..projection import check_boxes
+
+    props = load_proposals(path, [r.image_id for r in records])
+    for r in records:
+        props[r.image_id] = check_boxes(props[r.image_id], r.width, r.height,
+                                        f"{path}: proposals of {r.image_id}").astype(np.float32)
+    return props
+
+
 def load_proposals(path: PathLike, image_ids: Optional[Sequence[str]] = None) -> dict[str, np.ndarray]:
     """Published (.mat) or our own (.npz) proposals, keyed by image id, in our convention."""
     suffix = Path(path).suffix.lower()
