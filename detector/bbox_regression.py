@@ -191,6 +191,31 @@ class BoxRegressor:
             out[rows] = y @ self.T_inv[k] + self.mu[k]
         return out
 
+    def to_device(self, device) -> None:
+        """Keep float32 copies of the weights and whitening on `device` for deltas_torch."""
+        w = torch.from_numpy(self.weights).to(device)
+        self._t = (w[:, :-1], w[:, -1], torch.from_numpy(self.T_inv.astype(np.float32)).to(device),
+                   torch.from_numpy(self.mu.astype(np.float32)).to(device),
+                   torch.from_numpy(self.trained).to(device))
+
+    def deltas_torch(self, features: torch.Tensor) -> torch.Tensor:
+        """[N, K, 4] deltas of every row for every class, in one pass on the features' device
+        (float32; untrained classes 0).  `predict_deltas` is the float64 host version."""
+        if getattr(self, "_t", None) is None or self._t[0].device != features.device:
+            self.to_device(features.device)
+        W, b, T_inv, mu, trained = self._t
+        y = torch.einsum("nd,kdf->nkf", features, W) + b
+        return (torch.einsum("nkf,kfg->nkg", y, T_inv) + mu) * trained[None, :, None]
+
+    def apply(self, boxes: np.ndarray, deltas: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        """Boxes moved by precomputed deltas [N, 4] (each box's own class); untrained classes
+        leave their boxes unchanged."""
+        boxes = _boxes(boxes, "BoxRegressor.apply: boxes")
+        out = decode(boxes, deltas)
+        untouched = ~self.trained[np.asarray(labels, np.int64).reshape(-1)]
+        out[untouched] = boxes[untouched]
+        return out
+
     def predict(self, features: np.ndarray, boxes: np.ndarray, labels: np.ndarray) -> np.ndarray:
         """Refined boxes [N, 4] float32: each box moved by its class's regressor."""
         boxes = _boxes(boxes, "BoxRegressor.predict: boxes")

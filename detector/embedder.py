@@ -55,6 +55,14 @@ def norm_scale(sample, target: float = 20.0, what: str = "features") -> float:
     return float(target) / mean_norm
 
 
+def distinct_windows(windows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The distinct rows of `windows` [N, 5] and each row's index among them [N]."""
+    if len(windows) == 0:
+        return windows, np.zeros(0, np.int64)
+    distinct, row = np.unique(windows, axis=0, return_inverse=True)
+    return distinct, row.reshape(-1).astype(np.int64)
+
+
 def layer_dim(layer: str, pool5_dim: int, fc_dims) -> int:
     """Length of the features at `layer` (pool5, fc6 or fc7)."""
     return pool5_dim if layer == "pool5" else int(fc_dims[0 if layer == "fc6" else 1])
@@ -110,11 +118,8 @@ class WindowEmbedder:
         scale, so they share their SPP vector and everything computed from it;
         detect() pools and scores each distinct window once.
         """
-        w = self.windows(feats, boxes, None, name)
-        if len(w) == 0:
-            return pool_windows(feats, w, self.levels), np.zeros(0, np.int64)
-        distinct, inverse = np.unique(w, axis=0, return_inverse=True)
-        return pool_windows(feats, distinct, self.levels).mul_(self.pool5_scale), inverse.reshape(-1).astype(np.int64)
+        distinct, inverse = distinct_windows(self.windows(feats, boxes, None, name))
+        return pool_windows(feats, distinct, self.levels).mul_(self.pool5_scale), inverse
 
     @torch.inference_mode()
     def embed(self, pool5: torch.Tensor) -> torch.Tensor:

@@ -59,7 +59,8 @@ class ScaleFeatures:
 class FeatureExtractor:
     """Backbone + scales: `extractor(image)` gives one `ScaleFeatures` per scale."""
 
-    def __init__(self, backbone: Backbone, scales: Sequence[int], max_size: int = 2000, device: str = "auto"):
+    def __init__(self, backbone: Backbone, scales: Sequence[int], max_size: int = 2000, device: str = "auto",
+                 resize_on_device: Optional[bool] = None):
         if not scales:
             raise ValueError("at least one scale is needed")
         self.backbone = backbone
@@ -67,22 +68,40 @@ class FeatureExtractor:
         self.max_size = int(max_size)
         self.device = resolve_device(device)
         self.backbone.trunk.to(self.device).eval()
+        # On a GPU the uint8 image is uploaded once and resized there (torch bilinear); on the
+        # CPU OpenCV resizes faster.  The two differ by rounding (OpenCV rounds to uint8), so the
+        # cache key says which one made a map.
+        self.resize_on_device = self.device.type != "cpu" if resize_on_device is None else resize_on_device
 
     def factors(self, width: int, height: int) -> list[float]:
         return [resize_factor(width, height, s, self.max_size) for s in self.scales]
 
     def prepare(self, image: np.ndarray, factor: float) -> torch.Tensor:
-        """Resize, normalise and pad one image: [3, h', w'] float32."""
+        """Resize (OpenCV), normalise and pad one image: [3, h', w'] float32 on the CPU."""
         H, W = image.shape[:2]
         w, h = resized_size(W, H, factor)
         resized = image if (w, h) == (W, H) else cv2.resize(image, (w, h), interpolation=cv2.INTER_LINEAR)
-        x = self.backbone.normalize(resized)
+        return self._pad(self.backbone.normalize(resized), h, w)
+
+    def prepare_on_device(self, image: torch.Tensor, factor: float) -> torch.Tensor:
+        """The same from an uploaded HxWx3 uint8 tensor, on its device: bilinear resize with
+        half-pixel centres (what OpenCV's INTER_LINEAR computes, without its uint8 rounding)."""
+        H, W = image.shape[:2]
+        w, h = resized_size(W, H, factor)
+        x = image.permute(2, 0, 1)[None].float()
+        if (w, h) != (W, H):
+            x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False)
+        bb = self.backbone
+        x = x[0].flip(0) if bb.bgr else x[0]
+        mean = torch.tensor(bb.mean, dtype=torch.float32, device=x.device).view(3, 1, 1)
+        std = torch.tensor(bb.std, dtype=torch.float32, device=x.device).view(3, 1, 1)
+        return self._pad((x - mean) / std, h, w)
+
+    def _pad(self, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
         d = max(self.backbone.size_divisor, 1)
         ph = max(-(-h // d) * d, MIN_INPUT) - h
         pw = max(-(-w // d) * d, MIN_INPUT) - w
-        if ph or pw:
-            x = F.pad(x, (0, pw, 0, ph))
-        return x
+        return F.pad(x, (0, pw, 0, ph)) if (ph or pw) else x
 
     @torch.inference_mode()
     def __call__(self, image, flip: bool = False, timer: StageTimer = NO_TIMER) -> list[ScaleFeatures]:
@@ -93,9 +112,10 @@ class FeatureExtractor:
             img = np.ascontiguousarray(img[:, ::-1])
         H, W = img.shape[:2]
         out = []
+        uploaded = torch.from_numpy(img).to(self.device, non_blocking=True) if self.resize_on_device else None
         for scale, f in zip(self.scales, self.factors(W, H)):
             timer.start()
-            x = self.prepare(img, f).to(self.device)
+            x = self.prepare_on_device(uploaded, f) if uploaded is not None else self.prepare(img, f).to(self.device)
             timer.lap("resize")
             fmap = self.backbone.trunk(x[None])[0]
             if fmap.is_cuda and timer is not NO_TIMER:
@@ -108,7 +128,8 @@ class FeatureExtractor:
         bb = self.backbone
         return {"backbone": bb.name, "weights": bb.weights_id, "geometry": bb.geometry(),
                 "mean": bb.mean, "std": bb.std, "bgr": bb.bgr, "max_size": self.max_size,
-                "preprocess": PREPROCESS_VERSION, "min_input": MIN_INPUT}
+                "preprocess": PREPROCESS_VERSION, "min_input": MIN_INPUT,
+                **({"resize": "torch-bilinear"} if self.resize_on_device else {})}
 
 
 class FeatureCache:

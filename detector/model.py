@@ -19,19 +19,21 @@ import torch
 from .backbones import Backbone, build_backbone
 from .bbox_regression import BoxRegressor
 from .config import Config, ConfigError, apply_test_overrides
-from .embedder import WindowEmbedder, layer_dim
+from .embedder import WindowEmbedder, distinct_windows, layer_dim
 from .errors import ModelFormatError
 from .model_file import (check_tensors, expected_state, positive_scalar, read_class_names, read_config,
                          read_model_file, require, write_model_file)
 from .features import FeatureExtractor, ScaleFeatures
 from .heads import FCHead
 from .images import load_image
+from .pooling import pool_windows
 from .postprocess import class_thresholds, finalize_detections, select_detections
 from .projection import check_boxes
 from .timing import NO_TIMER, StageTimer
 
 FORMAT = "sppnet-detector"
 FORMAT_VERSION = 1
+WINDOW_CHUNK = 8192  # distinct windows pooled and scored at a time: bounds memory for any number of proposals
 
 
 def empty_result() -> dict:
@@ -57,6 +59,19 @@ class SPPDetector:
         if self.svm_W.shape != (embedder.feature_dim, len(self.class_names)):
             raise ModelFormatError(f"SVM weights have shape {self.svm_W.shape}, which does not fit the "
                                    f"{embedder.layer} features and {len(self.class_names)} classes")
+        self.use_device_path(self.extractor.device.type != "cpu")
+
+    def use_device_path(self, on: bool = True) -> None:
+        """Score on the extractor's device: fc, SVMs and box regression there in one pass per
+        chunk, one copy back (the default on a GPU).  Off: the host path, which on a CPU keeps
+        regression to the few kept windows.  Either runs on any device (tests run both on a CPU)."""
+        self.device_path = bool(on)
+        dev = self.extractor.device
+        if self.embedder.head is not None:
+            self.embedder.head.to(dev)
+        self._svm_t = (torch.from_numpy(self.svm_W).to(dev), torch.from_numpy(self.svm_b).to(dev))
+        if self.regressor is not None:
+            self.regressor.to_device(dev)
 
     def configure_test(self, overrides: Sequence[str]) -> None:
         """Apply `--set test.KEY=VALUE` items (only test settings can change for a trained model)
@@ -72,11 +87,6 @@ class SPPDetector:
         from .proposals import search_options, selective_search
 
         return selective_search(image, **search_options(self.cfg.proposals))
-
-    @torch.inference_mode()
-    def softmax_scores(self, pool5: torch.Tensor) -> np.ndarray:
-        """[N, K] fc8 softmax probabilities of the object classes (background dropped)."""
-        return torch.softmax(self.embedder.head(pool5), dim=1)[:, 1:].numpy()
 
     def svm_scores(self, feats) -> np.ndarray:
         """[N, K] SVM scores of `embedder.embed()` features (a tensor or an array)."""
@@ -114,37 +124,74 @@ class SPPDetector:
                           "filtering; no detections")
             return empty_result()
         feats = self.extractor(img, timer=timer) if features is None else features
-        pool5, row = self.embedder.pool5_unique(feats, proposals)
-        timer.lap("spp")
         tc = self.cfg.test
         scorer = tc.scorer if scorer is None else scorer
         if scorer not in ("svm", "softmax"):
             raise ConfigError(f"scorer must be 'svm' or 'softmax', got {scorer!r}")
-        if scorer == "softmax":
-            if self.embedder.head is None:
-                raise ConfigError("scorer 'softmax' needs the fine-tuned fc layers; this model has none")
-            scores = self.softmax_scores(pool5)[row]
-            timer.lap("fc")
-        else:
-            x = self.embedder.embed(pool5)
-            timer.lap("fc")
-            scores = self.svm_scores(x)[row]
-            timer.lap("svm")
+        if scorer == "softmax" and self.embedder.head is None:
+            raise ConfigError("scorer 'softmax' needs the fine-tuned fc layers; this model has none")
+        regress = box_regression and self.regressor is not None
+        scores, deltas, pool5, distinct, row = self._score_windows(feats, proposals, scorer, regress, timer)
+        scores = scores[row]
         nms_iou = tc.nms_iou if nms_iou is None else nms_iou
         thr = class_thresholds(tc.score_thresh if score_thresh is None else score_thresh, self.class_names)
         sel = select_detections(proposals, scores, thr, nms_iou, tc.max_per_image if max_per_image is None
                                 else max_per_image)
         timer.lap("nms")
         kept = proposals[sel.indices]
-        if box_regression and self.regressor is not None and len(sel):
-            kept = self.regressor.predict(pool5[torch.from_numpy(row[sel.indices])].numpy(), kept, sel.labels)
+        if regress and len(sel):
+            if deltas is not None:  # computed with the scores, on the device
+                kept = self.regressor.apply(kept, deltas[row[sel.indices], sel.labels], sel.labels)
+            else:
+                rows = row[sel.indices]
+                p5 = pool5[torch.from_numpy(rows)] if pool5 is not None else \
+                    pool_windows(feats, distinct[rows], self.embedder.levels).mul_(self.embedder.pool5_scale)
+                kept = self.regressor.predict(p5.numpy(), kept, sel.labels)
         timer.lap("bbox")
         out = finalize_detections(kept, sel.scores, sel.labels, (W, H), nms_iou, tc.second_nms, sel.indices)
         timer.lap("nms")
         timer.count("proposals", len(proposals))
-        timer.count("windows", len(pool5))
+        timer.count("windows", len(distinct))
         return {"boxes": out["boxes"], "scores": out["scores"], "labels": out["labels"],
                 "label_names": [self.class_names[k] for k in out["labels"]]}
+
+    def _score_windows(self, feats, proposals: np.ndarray, scorer: str, regress: bool, timer: StageTimer):
+        """Scores [U, K] (numpy) of the distinct windows among the proposals, and `row` [N]
+        mapping each proposal to its window.  Windows go through pooling, fc and scoring
+        WINDOW_CHUNK at a time, so any number of proposals fits in memory.
+
+        Host (CPU) path: also pool5 of the distinct windows when they fit in one chunk (box
+        regression reads the kept ones), else None and the kept windows are pooled again.
+        Device path: box-regression deltas [U, K, 4] of every window and class are computed
+        with the scores, and scores and deltas come back to the host in one copy per chunk."""
+        emb = self.embedder
+        distinct, row = self._distinct(emb.windows(feats, proposals))
+        on_device = self.device_path
+        scores, deltas, pool5 = [], [], None
+        for s in range(0, len(distinct), WINDOW_CHUNK):
+            p5 = pool_windows(feats, distinct[s:s + WINDOW_CHUNK], emb.levels).mul_(emb.pool5_scale)
+            timer.lap("spp")
+            if scorer == "softmax":
+                sc = torch.softmax(emb.head(p5), dim=1)[:, 1:]
+                timer.lap("fc")
+            else:
+                x = emb.embed(p5)
+                timer.lap("fc")
+                sc = x @ self._svm_t[0] + self._svm_t[1] if on_device else self.svm_scores(x)
+            if on_device:
+                d = self.regressor.deltas_torch(p5) if regress else sc.new_zeros((len(sc), 0))
+                both = torch.cat([sc, d.flatten(1)], 1).cpu().numpy()  # the one device -> host copy
+                scores.append(both[:, : sc.shape[1]])
+                deltas.append(both[:, sc.shape[1]:].reshape(len(sc), -1, 4) if regress else None)
+            else:
+                scores.append(sc.numpy() if isinstance(sc, torch.Tensor) else sc)
+                pool5 = p5 if len(distinct) <= WINDOW_CHUNK else None
+            timer.lap("svm" if scorer == "svm" else "fc")
+        deltas = np.concatenate(deltas) if on_device and regress else None
+        return np.concatenate(scores), deltas, pool5, distinct, row
+
+    # Boxes a few pixels apart often project onto the same cells: pooled and scored once.
+    _distinct = staticmethod(distinct_windows)
 
     # ------------------------------------------------------------------ file
     def save(self, path: Union[str, Path]) -> None:

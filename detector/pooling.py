@@ -43,16 +43,17 @@ def project_to_windows(scale_feats: Sequence[ScaleFeatures], boxes: np.ndarray, 
 
 def pool_windows(scale_feats: Sequence[ScaleFeatures], windows: np.ndarray,
                  levels: Sequence[int] = DEFAULT_LEVELS) -> torch.Tensor:
-    """SPP vectors [N, C * sum(n*n)] (float32, CPU) of `project_to_windows` rows."""
+    """SPP vectors [N, C * sum(n*n)] (float32, on the maps' device) of `project_to_windows` rows."""
     C = int(scale_feats[0].features.shape[0])
+    device = scale_feats[0].features.device
     if len(windows) and (windows[:, 0] == windows[0, 0]).all():
         # one scale (always, at 1 scale): no second [N, D] buffer and copy (~45 MB for BCCD)
         sf = scale_feats[int(windows[0, 0])]
-        return spatial_pyramid_pool(sf.features, torch.from_numpy(windows[:, 1:]), levels).float().cpu()
-    out = torch.empty((len(windows), spp_length(C, levels)), dtype=torch.float32)
+        return spatial_pyramid_pool(sf.features, torch.from_numpy(windows[:, 1:]), levels).float()
+    out = torch.empty((len(windows), spp_length(C, levels)), dtype=torch.float32, device=device)
     for k, sf in enumerate(scale_feats):
         sel = np.nonzero(windows[:, 0] == k)[0]
         if len(sel):
             pooled = spatial_pyramid_pool(sf.features, torch.from_numpy(windows[sel, 1:]), levels)
-            out[torch.from_numpy(sel)] = pooled.float().cpu()
+            out[torch.from_numpy(sel).to(device)] = pooled.float()
     return out
