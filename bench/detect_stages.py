@@ -37,8 +37,7 @@ def set_scales(model, scales: list[int]) -> None:
     if max(scales) > model.cfg.features.max_size:
         print(f"note: scales above the model's max_size ({model.cfg.features.max_size}) are capped by it")
     model.cfg.features.scales = list(scales)
-    model.extractor = FeatureExtractor(model.backbone, scales, model.cfg.features.max_size,
-                                       model.cfg.features.device)
+    model.extractor = FeatureExtractor(model.backbone, scales, model.cfg.features.max_size, str(model.extractor.device))
 
 
 def main(argv=None) -> int:
@@ -49,9 +48,10 @@ def main(argv=None) -> int:
     ap.add_argument("--images", type=int, default=20, help="timed images (after the warm-up ones)")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--scales", default=None, help="override the model's feature scales, e.g. 480,576,688,864,1200")
-    ap.add_argument("--proposals", choices=["live", "cache"], default="live",
+    ap.add_argument("--proposals", default="live", metavar="live|cache|FILE",
                     help="live: selective search inside detect() (what a new image costs); cache: boxes from "
-                         "the proposal cache are passed in, so the proposals row is only their check")
+                         "the proposal cache are passed in, so the proposals row is only their check; FILE: "
+                         "boxes from a proposals file (.npz from compute_proposals.py --export, or R-CNN .mat)")
     ap.add_argument("--cache", default=common.DEFAULT_CACHE, help="proposal cache root (--proposals cache)")
     ap.add_argument("--no-box-regression", action="store_true")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
@@ -98,6 +98,10 @@ def main(argv=None) -> int:
 
         p = model.cfg.proposals
         props = compute_proposals(warm + timed, Path(args.cache) / "proposals", p, progress=False)
+    elif args.proposals != "live":
+        from detector.proposals import dataset_proposals
+
+        props = dataset_proposals(args.proposals, warm + timed)
 
     print(f"model:     {args.model}")
     print(f"dataset:   {args.dataset} split {args.split}: warm-up on {len(warm)} images, timed on {len(timed)} "

@@ -81,6 +81,19 @@ def warp_window(image: np.ndarray, box: np.ndarray, fill: tuple, crop: int = CRO
                           borderMode=cv2.BORDER_CONSTANT, borderValue=fill)
 
 
+def warp_windows_on_device(image: torch.Tensor, boxes: np.ndarray, crop: int = CROP) -> torch.Tensor:
+    """`warp_window` for many windows at once on the image's device: roi_align with one
+    bilinear sample per output pixel at x1 + (u + 0.5) * w / crop - 0.5 (aligned=True), the
+    same points OpenCV samples.  image: [3, H, W] normalised (the mean pixel is 0).  Within
+    half a pixel outside the image roi_align repeats the edge pixel where OpenCV blends it
+    with the fill; elsewhere the two agree (tests/test_device_path.py)."""
+    from torchvision.ops import roi_align
+
+    rois = torch.cat([torch.zeros(len(boxes), 1), torch.as_tensor(boxes, dtype=torch.float32)], 1)
+    return roi_align(image[None], rois.to(image.device), (crop, crop), spatial_scale=1.0, sampling_ratio=1,
+                     aligned=True)
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -116,17 +129,25 @@ def rcnn_pool5(model, image: np.ndarray, boxes: np.ndarray, batch: int = 16,
     levels = model.cfg.spp.levels
     t = {"crop": 0.0, "conv": 0.0, "pool": 0.0}
     t0 = time.perf_counter()
-    img = np.ascontiguousarray(bb.normalize(image).permute(1, 2, 0).numpy())  # HxWx3 float32, trunk's space
+    on_device = device.type != "cpu"  # a GPU crops with roi_align in large batches; the CPU with OpenCV
+    if on_device:
+        img_t = bb.normalize(image).to(device)
+    else:
+        img = np.ascontiguousarray(bb.normalize(image).permute(1, 2, 0).numpy())  # HxWx3 float32, trunk's space
+        crops = np.empty((min(batch, len(boxes)), CROP, CROP, 3), np.float32)
     ctx = context_boxes(boxes)
-    crops = np.empty((min(batch, len(ctx)), CROP, CROP, 3), np.float32)
     t["crop"] += time.perf_counter() - t0
     pooled = []
     for s in range(0, len(ctx), batch):
         t0 = time.perf_counter()
         chunk = ctx[s:s + batch]
-        for j, b in enumerate(chunk):
-            crops[j] = warp_window(img, b, (0.0, 0.0, 0.0))
-        x = torch.from_numpy(crops[: len(chunk)]).permute(0, 3, 1, 2).contiguous().to(device)
+        if on_device:
+            x = warp_windows_on_device(img_t, chunk)
+        else:
+            for j, b in enumerate(chunk):
+                crops[j] = warp_window(img, b, (0.0, 0.0, 0.0))
+            x = torch.from_numpy(crops[: len(chunk)]).permute(0, 3, 1, 2).contiguous().to(device)
+        _sync(device)
         t1 = time.perf_counter()
         fmap = bb.trunk(x)
         _sync(device)
@@ -280,6 +301,8 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default=common.DEFAULT_MODEL)
     ap.add_argument("--dataset", default=common.DEFAULT_DATASET, help="a VOC-layout dataset")
     ap.add_argument("--cache", default=common.DEFAULT_CACHE, help="proposal cache root")
+    ap.add_argument("--proposals", default=None, metavar="FILE",
+                    help="boxes from a proposals file (.npz or R-CNN .mat) instead of the selective-search cache")
     ap.add_argument("--split", default="test", help="test split")
     ap.add_argument("--train-split", default="trainval", help="split the training subset is drawn from")
     ap.add_argument("--train-images", type=int, default=30, help="training subset of both arms: first N by id")
@@ -290,7 +313,8 @@ def main(argv=None) -> int:
     ap.add_argument("--scales5", default=",".join(map(str, common.FIVE_SCALES)), help="the multi-scale timing run")
     # 16: on the 2-core dev machine EfficientNet-Lite0 (stride 16) took 0.055 s of CPU per 224x224 crop in
     # batches of 8 or 16 and 0.080-0.086 s in batches of 32 or 64 (1 thread), so the baseline is not slowed down.
-    ap.add_argument("--rcnn-batch", type=int, default=16, help="R-CNN crops per conv batch")
+    ap.add_argument("--rcnn-batch", type=int, default=None,
+                    help="R-CNN crops per conv batch (default 16 on the CPU, 256 on a GPU)")
     ap.add_argument("--timing-only", action="store_true",
                     help="skip SVM training and mAP; R-CNN is then timed on --rcnn-time-images images only")
     ap.add_argument("--rcnn-time-images", type=int, default=3,
@@ -308,18 +332,25 @@ def main(argv=None) -> int:
     from detector.datasets import load_dataset
     from detector.inference import score_detections
     from detector.model import empty_result
-    from detector.proposals import compute_proposals
+    from detector.proposals import compute_proposals, dataset_proposals
 
     if args.threads:
         torch.set_num_threads(args.threads)
     common.print_header("SPP-net vs R-CNN-style features, same backbone, proposals, fc and SVM recipe")
     model = detector.load(args.model)
+    if args.rcnn_batch is None:
+        args.rcnn_batch = 16 if model.extractor.device.type == "cpu" else 256
     pcfg = model.cfg.proposals
     cache = Path(args.cache) / "proposals"
     ext1 = model.extractor
     scales5 = common.parse_int_list(args.scales5, "--scales5")
     ext5 = FeatureExtractor(model.backbone, scales5, max(model.cfg.features.max_size, max(scales5)),
-                            model.cfg.features.device)
+                            str(ext1.device))
+
+    def get_proposals(records):
+        if args.proposals:
+            return dataset_proposals(args.proposals, records)
+        return compute_proposals(records, cache, pcfg, progress=False)
 
     test_ds = load_dataset(args.dataset, args.split, model.class_names)
     test_recs = common.first_by_id(test_ds.records, args.test_images)
@@ -340,7 +371,7 @@ def main(argv=None) -> int:
               f"proposals each, and their mirror images; fine-tuning: {model.cfg.finetune.iterations} iterations "
               f"per arm (the model's recipe)")
         print()
-        props = compute_proposals(train_recs, cache, pcfg, progress=False)
+        props = get_proposals(train_recs)
         t0 = time.perf_counter()
         images, vecs = training_vectors(model, train_recs, props, args.train_proposals, args.rcnn_batch)
         n_win = sum(len(im.windows.boxes) for im in images)
@@ -354,7 +385,7 @@ def main(argv=None) -> int:
         print()
 
     # ------------------------------------------------------------ test subset: features, timings, detections
-    props = compute_proposals(test_recs, cache, pcfg, progress=False)
+    props = get_proposals(test_recs)
     if args.test_proposals:
         props = {k: v[: args.test_proposals] for k, v in props.items()}
     images = {r.image_id: load_image(r.path) for r in test_recs}

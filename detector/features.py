@@ -190,10 +190,11 @@ class MapMemory:
     (BCCD: ~320 MB with mirror maps); beyond the budget, maps are read back from the cache on
     disk, which keeps a training's memory flat in the number of images."""
 
-    def __init__(self, cache: FeatureCache, budget_mb: int = 1024):
+    def __init__(self, cache: FeatureCache, budget_mb: int = 1024, device: Optional[torch.device] = None):
         from collections import OrderedDict
 
         self.cache = cache
+        self.device = device  # None: where the cache puts them (the CPU)
         self.budget = int(budget_mb) * 1024 * 1024
         self.used = 0
         self.maps: "OrderedDict[tuple, tuple[list[ScaleFeatures], int]]" = OrderedDict()
@@ -205,6 +206,9 @@ class MapMemory:
             self.maps.move_to_end(key)
             return hit[0]
         feats = self.cache.get(path, flip)
+        if self.device is not None:
+            for sf in feats:
+                sf.features = sf.features.to(self.device)
         size = sum(sf.features.numel() * sf.features.element_size() for sf in feats)
         self.maps[key] = (feats, size)
         self.used += size

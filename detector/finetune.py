@@ -35,6 +35,7 @@ from .errors import DatasetError
 from .features import ScaleFeatures
 from .heads import FCHead
 from .labeling import Windows
+from .pooling import StackedMaps
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,7 @@ class TrainImage:
 
 
 FeatureGetter = Callable[[int, bool], Sequence[ScaleFeatures]]  # (image index, flip) -> maps
+PairPooler = Callable[[np.ndarray, np.ndarray, Optional[np.ndarray]], torch.Tensor]  # (pairs, flips, scales)
 
 
 def mirror_boxes(boxes: np.ndarray, width: int) -> np.ndarray:
@@ -100,6 +102,23 @@ def pool_pairs(embedder: WindowEmbedder, images: Sequence[TrainImage], pairs: np
     return out
 
 
+def stacked_pooler(embedder: WindowEmbedder, images: Sequence[TrainImage], maps: StackedMaps) -> PairPooler:
+    """pool(pairs, flips, scales) over StackedMaps whose slot 2*i + flip holds image i's maps:
+    the whole batch in one roi_pool call per level (the GPU fine-tuning path)."""
+    widths = np.array([im.width for im in images], np.float64)
+
+    def pool(pairs: np.ndarray, flips: np.ndarray, scales: Optional[np.ndarray]) -> torch.Tensor:
+        boxes = np.stack([images[i].windows.boxes[r] for i, r in pairs]).astype(np.float64)
+        f = flips.astype(bool)
+        w = widths[pairs[f, 0]]
+        boxes[f, 0], boxes[f, 2] = w - boxes[f, 2], w - boxes[f, 0]
+        slots = pairs[:, 0] * 2 + flips.astype(np.int64)
+        v = maps.pool(embedder.backbone, embedder.levels, embedder.projection, slots, boxes, scales)
+        return v.mul_(embedder.pool5_scale)
+
+    return pool
+
+
 def estimate_pool5_scale(embedder: WindowEmbedder, images: Sequence[TrainImage], get_features: FeatureGetter,
                          target: float = 20.0, samples: int = 2000, seed: int = 0) -> float:
     """The constant that brings pool5 vectors to mean L2 norm `target` (R-CNN's norm-20
@@ -149,9 +168,6 @@ def _window_pools(images: Sequence[TrainImage], fc: FinetuneConfig) -> tuple[np.
     return fg, bg, window_labels(images, fg, fc.fg_iou)
 
 
-PairPooler = Callable[[np.ndarray, np.ndarray, Optional[np.ndarray]], torch.Tensor]  # (pairs, flips, scales)
-
-
 def finetune(head: FCHead, images: Sequence[TrainImage], pool: PairPooler, fc: FinetuneConfig, n_scales: int,
              seed: int = 0, checkpoint: Optional[Path] = None, progress: bool = True) -> dict:
     """Train `head` in place on the training windows; returns a summary (iterations, final
@@ -179,6 +195,7 @@ def finetune(head: FCHead, images: Sequence[TrainImage], pool: PairPooler, fc: F
     n_fg = max(1, int(round(fc.batch_size * fc.fg_fraction)))
     n_bg = fc.batch_size - n_fg
     mine = torch.from_numpy(np.array_split(np.arange(fc.batch_size), w.size)[w.rank])  # this rank's batch rows
+    device = next(head.parameters()).device
     head.train()
     losses, accs = [], []
     bar = tqdm(range(start, fc.iterations), desc="fine-tune fc", unit="it", disable=not progress or not w.main,
@@ -190,11 +207,11 @@ def finetune(head: FCHead, images: Sequence[TrainImage], pool: PairPooler, fc: F
         fi = rng.integers(0, len(fg), n_fg)
         bi = rng.integers(0, len(bg), n_bg)
         pairs = np.concatenate([fg[fi], bg[bi]])[mine.numpy()]
-        labels = torch.from_numpy(np.concatenate([fg_labels[fi], np.zeros(n_bg, np.int64)]))[mine]
+        labels = torch.from_numpy(np.concatenate([fg_labels[fi], np.zeros(n_bg, np.int64)]))[mine].to(device)
         flips = (rng.random(fc.batch_size) < 0.5 if fc.flip else np.zeros(fc.batch_size, bool))[mine.numpy()]
         scales = rng.integers(0, n_scales, fc.batch_size)[mine.numpy()] if n_scales > 1 else None
         masks = head.dropout_masks(fc.batch_size, torch.Generator().manual_seed(seed * 1_000_003 + it))
-        logits = model(pool(pairs, flips, scales), tuple(m[mine] for m in masks))
+        logits = model(pool(pairs, flips, scales), tuple(m[mine].to(device) for m in masks))
         ce = F.cross_entropy(logits, labels, reduction="sum")
         opt.zero_grad()
         (ce * (w.size / fc.batch_size)).backward()

@@ -33,11 +33,12 @@ from .errors import CacheError, DatasetError
 from .distributed import (all_gather, barrier, broadcast, check_same_config, check_shared_folder, fault_point,
                           log_shard, shard, world)
 from .features import FeatureCache, FeatureExtractor, MapMemory, extract_all
-from .finetune import TrainImage, estimate_pool5_scale, finetune, pool_pairs
+from .finetune import TrainImage, estimate_pool5_scale, finetune, pool_pairs, stacked_pooler
 from .heads import FCHead
 from .proposals.files import dataset_proposals
 from .labeling import label_windows
 from .model import SPPDetector
+from .pooling import StackedMaps
 from .stages import STAGES, StageRecords, data_digest, relevant_config, stage_digests
 from .svm import format_summary, train_svms
 from .svm_rows import RowStore, regression_examples, svm_feature_scale, svm_images, write_rows
@@ -137,7 +138,27 @@ def run_features(r: TrainRun) -> dict:
 
 def _head(r: TrainRun, pool5_dim: int) -> FCHead:
     ft = r.cfg.finetune
-    return FCHead(pool5_dim, ft.fc_dims, len(r.ds.class_names), ft.dropout)
+    return FCHead(pool5_dim, ft.fc_dims, len(r.ds.class_names), ft.dropout).to(r.fcache.extractor.device)
+
+
+def _pooler(r: TrainRun):
+    """How fine-tuning turns (image, row) pairs into pool5: on a GPU, when every map fits in
+    features.ram_cache_mb, one batched roi_pool over maps resident on the device; else image by
+    image from maps in RAM (on the CPU the range-max table and small roi_pools are faster)."""
+    device = r.fcache.extractor.device
+    if device.type != "cpu":
+        flips = (False, True)
+        first = [r.features(0, f) for f in flips]
+        per_image = sum(sf.features.numel() * 4 for m in first for sf in m)
+        if per_image * len(r.images) <= r.cfg.features.ram_cache_mb * 1024 * 1024:
+            slots = [r.fcache.get(im.path, f) for im in r.images for f in flips]
+            stacked = StackedMaps(slots, device)
+            return stacked_pooler(r.embedder, r.images, stacked)
+
+    def pool(pairs, flips, scales):
+        return pool_pairs(r.embedder, r.images, pairs, flips, scales, r.features)
+
+    return pool
 
 
 def run_finetune(r: TrainRun) -> dict:
@@ -151,15 +172,11 @@ def run_finetune(r: TrainRun) -> dict:
     arrays = {"pool5_scale": np.float64(scale)}
     if head is not None:
         ckpt = r.run / f"finetune_ckpt_{r.digests['finetune']}.pt"
-
-        def pool(pairs, flips, scales):
-            return pool_pairs(r.embedder, r.images, pairs, flips, scales, r.features)
-
-        info.update(finetune(head, r.images, pool, cfg.finetune, len(cfg.features.scales), cfg.seed, ckpt,
+        info.update(finetune(head, r.images, _pooler(r), cfg.finetune, len(cfg.features.scales), cfg.seed, ckpt,
                              r.progress))
         if world().main:
             print(f"fine-tuning: {info}")
-        arrays.update({f"head.{k}": v.numpy() for k, v in head.state_dict().items()})
+        arrays.update({f"head.{k}": v.cpu().numpy() for k, v in head.state_dict().items()})
     if world().main:
         atomic_save_npz(r.run / "finetune.npz", **arrays)
     barrier()
@@ -173,7 +190,8 @@ def reuse_finetune(r: TrainRun) -> None:
     head = None
     if r.cfg.finetune.enabled:
         head = _head(r, WindowEmbedder.from_config(r.cfg, r.backbone).pool5_dim)
-        head.load_state_dict({k[5:]: torch.from_numpy(v) for k, v in z.items() if k.startswith("head.")})
+        head.load_state_dict({k[5:]: torch.from_numpy(v).to(head.fc6.weight.device)
+                              for k, v in z.items() if k.startswith("head.")})
         head.eval()
     r.embedder = WindowEmbedder.from_config(r.cfg, r.backbone, head, pool5_scale=float(z["pool5_scale"]))
 
@@ -289,7 +307,7 @@ def prepare(dataset: str, run_dir: str, cfg: Config, train_split: str = "trainva
     r.backbone = build_backbone(cfg.backbone)
     extractor = FeatureExtractor(r.backbone, cfg.features.scales, cfg.features.max_size, cfg.features.device)
     r.fcache = FeatureCache(r.cache / "features", extractor, cfg.features.cache_dtype)
-    r.maps = MapMemory(r.fcache, cfg.features.ram_cache_mb)
+    r.maps = MapMemory(r.fcache, cfg.features.ram_cache_mb, extractor.device)
     if proposals_file is not None:
         if not Path(proposals_file).is_file():
             raise FileNotFoundError(f"proposals file not found: {proposals_file}")

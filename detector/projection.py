@@ -52,11 +52,12 @@ def project_boxes(boxes: np.ndarray, factor: float, stride: int, offset: float, 
     """Map boxes (original-image pixels) to inclusive feature cells at one scale.
 
     `factor`: the image's resize factor at this scale; `map_size`: (h, w) of
-    the feature map.  Returns int64 [N, 4] cell windows `x1, y1, x2, y2`.
+    the feature map.  Both may also be per box ([N] arrays: boxes of several
+    images at once).  Returns int64 [N, 4] cell windows `x1, y1, x2, y2`.
     Boxes must already be validated (`check_boxes`).
     """
-    b = np.asarray(boxes, dtype=np.float64) * factor
-    h, w = map_size
+    b = np.asarray(boxes, dtype=np.float64) * np.reshape(factor, (-1, 1))
+    h, w = (np.reshape(v, (-1, 1)) for v in map_size)
     centre0 = offset + 0.5
     first = b[:, :2] + 0.5  # centres of the first and last pixels covered
     last = b[:, 2:] - 0.5
@@ -73,7 +74,7 @@ def project_boxes(boxes: np.ndarray, factor: float, stride: int, offset: float, 
     mid = np.floor((lo + hi) / 2)
     lo = np.where(collapsed, mid, lo)
     hi = np.where(collapsed, mid, hi)
-    lim = np.array([w - 1, h - 1], dtype=np.float64)
+    lim = np.concatenate([w - 1, h - 1], axis=1).astype(np.float64)
     lo = np.clip(lo, 0, lim)
     hi = np.clip(hi, 0, lim)
     return np.concatenate([lo, hi], axis=1).astype(np.int64)

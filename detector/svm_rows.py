@@ -62,7 +62,7 @@ def _regression_rows(p5: torch.Tensor, image: TrainImage, gt_boxes: np.ndarray, 
         return {"x": np.zeros((0, p5.shape[1]), np.float16), "boxes": np.zeros((0, 4), np.float32),
                 "gt": np.zeros((0, 4), np.float32), "labels": np.zeros(0, np.int64)}
     rows = np.where(ex.is_gt, ex.index, ex.index + len(gt_boxes))
-    return {"x": p5[torch.from_numpy(rows)].numpy().astype(np.float16), "boxes": ex.boxes, "gt": ex.gt_boxes,
+    return {"x": p5[torch.from_numpy(rows).to(p5.device)].cpu().numpy().astype(np.float16), "boxes": ex.boxes, "gt": ex.gt_boxes,
             "labels": ex.labels}
 
 
@@ -84,7 +84,7 @@ def write_rows(embedder: WindowEmbedder, images: Sequence[TrainImage], gts: Sequ
             bbox.write(i, **_regression_rows(p5, im, gts[i][0], gts[i][1], bbox_iou))
         if svm is not None and not svm.has(i):
             w = im.windows
-            svm.write(i, x=embedder.embed(p5).numpy().astype(np.float16), gt_labels=w.gt_labels,
+            svm.write(i, x=embedder.embed(p5).cpu().numpy().astype(np.float16), gt_labels=w.gt_labels,
                       class_iou=w.class_iou)
         done(i)
 

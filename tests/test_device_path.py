@@ -81,3 +81,55 @@ def test_resize_on_the_device_matches_opencv_within_a_grey_level(smoke_run):
         assert a.shape == b.shape
         assert float((a - b).abs().max()) <= 1.01 / 127.5  # OpenCV rounds to uint8, torch does not
     assert host.cache_params() != dev.cache_params()  # the two never share cache files
+
+
+def test_stacked_maps_pool_a_batch_exactly_like_image_by_image():
+    """The GPU fine-tuning path's batched pooling (one roi_pool per level over padded maps of
+    several images, both orientations, two scales) equals pooling each image's own maps."""
+    import warnings
+
+    from detector.backbones import zf5
+    from detector.embedder import WindowEmbedder
+    from detector.features import FeatureExtractor
+    from detector.finetune import TrainImage, pool_pairs, stacked_pooler
+    from detector.labeling import label_windows
+    from detector.pooling import StackedMaps
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        bb = zf5(random_init=True)
+    fx = FeatureExtractor(bb, [120, 200], device="cpu")
+    rng = np.random.default_rng(3)
+    images, maps = [], []
+    for i, (h, w) in enumerate(((150, 210), (180, 130), (160, 160))):
+        img = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        xy = rng.uniform(0, [w - 30, h - 30], (40, 2))
+        props = np.concatenate([xy, xy + rng.uniform(8, 30, (40, 2))], 1)
+        images.append(TrainImage(f"img{i}", w, h, label_windows(np.zeros((0, 4)), np.zeros(0), props, 2)))
+        maps += [fx(img), fx(img, flip=True)]
+    emb = WindowEmbedder(bb, pool5_scale=0.5)
+    pairs = np.stack([rng.integers(0, 3, 64), rng.integers(0, 40, 64)], 1)
+    flips = rng.random(64) < 0.5
+    scales = rng.integers(0, 2, 64)
+    want = pool_pairs(emb, images, pairs, flips, scales, lambda i, f: maps[2 * i + int(f)])
+    got = stacked_pooler(emb, images, StackedMaps(maps, "cpu"))(pairs, flips, scales)
+    assert torch.equal(got, want)
+
+
+def test_roi_align_crops_match_opencv_warps_inside_the_image():
+    """The R-CNN arm's device crops (bench/spp_vs_rcnn.py) sample the same points as its
+    OpenCV warps: equal wherever the window stays half a pixel inside the image."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import spp_vs_rcnn as bench
+
+    rng = np.random.default_rng(2)
+    img = rng.normal(size=(90, 120, 3)).astype(np.float32)
+    xy = rng.uniform(1, 60, (12, 2))
+    boxes = np.concatenate([xy, xy + rng.uniform(5, 28, (12, 2))], 1)
+    got = bench.warp_windows_on_device(torch.from_numpy(img).permute(2, 0, 1), boxes, crop=32)
+    for b, g in zip(boxes, got):
+        want = bench.warp_window(img, b, (0.0, 0.0, 0.0), crop=32)
+        np.testing.assert_allclose(g.permute(1, 2, 0).numpy(), want, atol=1e-4)
