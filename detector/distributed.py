@@ -106,7 +106,7 @@ def init_from_env(backend: Optional[str] = None, timeout_s: Optional[float] = No
         if b == "nccl":
             torch.cuda.set_device(local)
         try:
-            dist.init_process_group(b, timeout=timedelta(seconds=timeout_s))
+            dist.init_process_group(b, timeout=timedelta(seconds=timeout_s), **_attempt_store(rank, size, timeout_s))
         except Exception as e:  # the rendezvous's errors come in several types
             raise DistributedError(f"rank {rank}: cannot join the process group at {addr}:{port} ({e})") from None
     _world = World(rank, size, local)
@@ -131,6 +131,23 @@ def fault_point(stage: str) -> None:
         import signal
 
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _attempt_store(rank: int, size: int, timeout_s: float) -> dict:
+    """Under torchrun's agent store, a store prefix of our own per restart attempt.
+
+    After `--max-restarts` brings the workers back, the agent's store still holds the dead
+    attempt's gloo addresses under the default group's keys, and a fast rank could read its
+    peer's old address before the peer overwrote it (seen as "Connection refused" now and
+    then on a loaded machine).  A prefix per attempt keeps the attempts apart."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return {}
+    import torch.distributed as dist
+
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), size, is_master=False,
+                          timeout=timedelta(seconds=timeout_s))
+    return {"store": dist.PrefixStore(f"sppnet/attempt_{attempt}", store), "rank": rank, "world_size": size}
 
 
 def barrier() -> None:
