@@ -201,7 +201,10 @@ def shard(costs: Sequence[float], size: Optional[int] = None, rank: Optional[int
 def log_shard(stage: str, n: int) -> None:
     """One line per rank, always (also with --quiet), so a run shows how it was split."""
     if _world.distributed:
-        print(f"{_world}: {stage} {n} images", flush=True)
+        import sys
+
+        sys.stdout.write(f"{_world}: {stage} {n} images\n")  # one write: ranks' lines do not interleave
+        sys.stdout.flush()
 
 
 def check_same_config(digest: str) -> None:
