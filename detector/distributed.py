@@ -21,6 +21,7 @@ import hashlib
 import os
 import socket
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -148,6 +149,28 @@ def _attempt_store(rank: int, size: int, timeout_s: float) -> dict:
     store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), size, is_master=False,
                           timeout=timedelta(seconds=timeout_s))
     return {"store": dist.PrefixStore(f"sppnet/attempt_{attempt}", store), "rank": rank, "world_size": size}
+
+
+@contextmanager
+def all_local_cores():
+    """Let this process use every core of its machine for a while (BLAS and torch threads).
+
+    torchrun starts each process with one thread; while rank 0 trains the SVMs and regressors
+    the other ranks wait at a barrier, so their cores are free for it."""
+    if not _world.distributed:
+        yield
+        return
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    before = torch.get_num_threads()
+    torch.set_num_threads(cores)
+    try:
+        with threadpool_limits(limits=cores):
+            yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def barrier() -> None:

@@ -30,7 +30,7 @@ from .datasets import load_dataset
 from .datasets.records import Dataset
 from .embedder import WindowEmbedder
 from .errors import CacheError, DatasetError
-from .distributed import (all_gather, barrier, broadcast, check_same_config, check_shared_folder, fault_point,
+from .distributed import (all_gather, all_local_cores, barrier, broadcast, check_same_config, check_shared_folder, fault_point,
                           log_shard, shard, world)
 from .features import FeatureCache, FeatureExtractor, MapMemory, extract_all
 from .finetune import TrainImage, estimate_pool5_scale, finetune, pool_pairs, stacked_pooler
@@ -223,8 +223,9 @@ def run_svm(r: TrainRun) -> dict:
         barrier()
         return {}
     scale = svm_feature_scale(store, n, s.norm_images, s.norm_boxes, s.target_norm, r.cfg.seed)
-    W, b, summary = train_svms(svm_images(store, n, scale), len(r.ds.class_names), s, r.ds.class_names,
-                               progress=r.progress)
+    with all_local_cores():
+        W, b, summary = train_svms(svm_images(store, n, scale), len(r.ds.class_names), s, r.ds.class_names,
+                                   progress=r.progress)
     print(format_summary(summary))
     atomic_save_npz(r.run / "svm.npz", W=W, b=b, svm_scale=np.float64(scale))
     store.remove()
@@ -245,9 +246,10 @@ def run_bbox(r: TrainRun) -> dict:
     if not len(reg["labels"]):
         raise DatasetError("box regression: no proposal overlaps a ground-truth box by more than "
                            f"{r.cfg.bbox.iou_thresh}; check the proposals and annotations")
-    regressor = train_box_regressors(reg["x"], reg["boxes"], reg["gt"], reg["labels"], len(r.ds.class_names),
-                                     r.cfg.bbox.lam, r.cfg.bbox.whiten, class_names=r.ds.class_names,
-                                     progress=r.progress)
+    with all_local_cores():
+        regressor = train_box_regressors(reg["x"], reg["boxes"], reg["gt"], reg["labels"], len(r.ds.class_names),
+                                         r.cfg.bbox.lam, r.cfg.bbox.whiten, class_names=r.ds.class_names,
+                                         progress=r.progress)
     atomic_save_npz(r.run / "bbox.npz", **regressor.to_arrays())
     store.remove()
     barrier()
