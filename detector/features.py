@@ -114,10 +114,12 @@ class FeatureExtractor:
 class FeatureCache:
     """Conv features per image and scale, from disk when present, else computed and stored."""
 
-    def __init__(self, root: str | os.PathLike, extractor: FeatureExtractor, dtype: str = "float16"):
+    def __init__(self, root: str | os.PathLike, extractor: FeatureExtractor, dtype: str = "float16",
+                 extra: Optional[dict] = None):
         self.extractor = extractor
         self.dtype = np.dtype(dtype)
-        params = dict(extractor.cache_params(), dtype=self.dtype.name)
+        # `extra`: what else decides a file's content (the crop settings of crops.CropCache)
+        params = dict(extractor.cache_params(), dtype=self.dtype.name, **(extra or {}))
         self.key = params_digest(params)
         self.dir = Path(root) / self.key
         self.dir.mkdir(parents=True, exist_ok=True)

@@ -21,8 +21,8 @@ from .bbox_regression import BoxRegressor
 from .config import Config
 from .embedder import WindowEmbedder
 from .errors import ModelFormatError
-from .model_file import (check_tensors, expected_state, positive_scalar, read_class_names, read_config,
-                         read_model_file, require, write_model_file)
+from .model_file import (check_tensors, expected_state, load_trunk, positive_scalar, read_class_names, read_config,
+                         read_model_file, require, trunk_meta, write_model_file)
 from .features import FeatureExtractor, ScaleFeatures
 from .heads import FCHead
 from .images import load_image
@@ -134,7 +134,7 @@ class SPPDetector:
         if self.regressor is not None:
             tensors.update({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in self.regressor.to_arrays().items()})
         meta = {"config": self.cfg.to_dict(), "class_names": self.class_names,
-                "backbone": {"name": bb.name, "weights_id": bb.weights_id, **bb.geometry()},
+                "backbone": trunk_meta(bb),
                 "head": None if emb.head is None else {"in_dim": emb.head.in_dim, "fc_dims": emb.head.fc_dims}}
         write_model_file(path, FORMAT, FORMAT_VERSION, meta, tensors)
 
@@ -161,14 +161,7 @@ class SPPDetector:
             expected.update({f"bbox_{k}": (shape, dtype) for k, (shape, dtype) in
                              BoxRegressor.expected_arrays(K, pool5_dim).items()})
         check_tensors(path, tensors, expected)
-        if bmeta.get("weights_id") is not None and not isinstance(bmeta.get("weights_id"), str):
-            raise ModelFormatError(f"{path}: header entry 'backbone' has a weights_id that is not a string")
-        geometry = {k: bmeta.get(k) for k in ("stride", "offset", "channels")}
-        if geometry != {"stride": backbone.stride, "offset": backbone.offset, "channels": backbone.channels}:
-            raise ModelFormatError(f"{path}: backbone geometry {geometry} differs from the {backbone.name} trunk's "
-                                   f"({backbone.stride}, {backbone.offset}, {backbone.channels})")
-        backbone.trunk.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("trunk.")})
-        backbone.weights_id = bmeta.get("weights_id") or "saved"
+        load_trunk(path, bmeta, backbone, tensors)
         if head is not None:
             head.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("head.")})
         embedder.pool5_scale = positive_scalar(path, tensors, "pool5_scale")

@@ -141,3 +141,21 @@ def positive_scalar(path: Path, tensors: Mapping[str, torch.Tensor], name: str) 
     if not (v > 0 and v < float("inf")):
         raise _fail(path, f"tensor {name!r} must be a positive finite number, got {v}")
     return v
+
+
+def trunk_meta(backbone) -> dict:
+    """The header entry 'backbone': what the trunk was and its geometry."""
+    return {"name": backbone.name, "weights_id": backbone.weights_id, **backbone.geometry()}
+
+
+def load_trunk(path: Path, bmeta: Mapping, backbone, tensors: Mapping[str, torch.Tensor]) -> None:
+    """Check the header's backbone geometry against the built trunk, then load the `trunk.*`
+    tensors (already checked by `check_tensors`) into it."""
+    if bmeta.get("weights_id") is not None and not isinstance(bmeta.get("weights_id"), str):
+        raise _fail(path, "header entry 'backbone' has a weights_id that is not a string")
+    geometry = {k: bmeta.get(k) for k in ("stride", "offset", "channels")}
+    if geometry != {"stride": backbone.stride, "offset": backbone.offset, "channels": backbone.channels}:
+        raise _fail(path, f"backbone geometry {geometry} differs from the {backbone.name} trunk's "
+                          f"({backbone.stride}, {backbone.offset}, {backbone.channels})")
+    backbone.trunk.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("trunk.")})
+    backbone.weights_id = bmeta.get("weights_id") or "saved"
