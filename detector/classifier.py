@@ -28,8 +28,8 @@ from .embedder import WindowEmbedder
 from .features import FeatureExtractor, ScaleFeatures
 from .heads import FCHead
 from .images import load_image
-from .model_file import (check_tensors, expected_state, load_trunk, positive_scalar, read_class_names, read_config,
-                         read_model_file, require, trunk_meta, write_model_file)
+from .model_file import (check_tensors, expected_state, load_module, load_trunk, model_meta, module_tensors,
+                         positive_scalar, read_model, write_model_file)
 from .timing import NO_TIMER, StageTimer
 from .views import SCHEMES, ViewGroup, count_views, full_box, plan_views, scheme
 
@@ -132,27 +132,22 @@ class SPPClassifier:
 
     # ------------------------------------------------------------------ file
     def save(self, path: Union[str, Path]) -> None:
-        tensors = {f"trunk.{k}": v for k, v in self.backbone.trunk.state_dict().items()}
-        tensors.update({f"head.{k}": v for k, v in self.head.state_dict().items()})
-        tensors["pool5_scale"] = torch.tensor([self.embedder.pool5_scale], dtype=torch.float64)
-        meta = {"config": self.cfg.to_dict(), "class_names": self.class_names, "backbone": trunk_meta(self.backbone),
-                "head": {"in_dim": self.head.in_dim, "fc_dims": self.head.fc_dims}}
+        tensors = {**module_tensors("trunk.", self.backbone.trunk), **module_tensors("head.", self.head),
+                   "pool5_scale": torch.tensor([self.embedder.pool5_scale], dtype=torch.float64)}
+        meta = model_meta(self.cfg, self.class_names, self.backbone, self.head)
         write_model_file(path, FORMAT, FORMAT_VERSION, meta, tensors)
 
     @classmethod
     def load(cls, path: Union[str, Path], device: str = "auto") -> "SPPClassifier":
         path = Path(path)
-        meta, tensors = read_model_file(path, FORMAT, FORMAT_VERSION)
-        cfg = read_config(path, meta)
-        names = read_class_names(path, meta)
-        bmeta = require(path, meta, "backbone", dict, "a mapping")
+        _, tensors, cfg, names, bmeta = read_model(path, FORMAT, FORMAT_VERSION)
         backbone = build_backbone(cfg.backbone, pretrained=False)
         emb = classifier_embedder(cfg, backbone, len(names))
         expected = {**expected_state("trunk.", backbone.trunk), **expected_state("head.", emb.head),
                     "pool5_scale": ((1,), torch.float64)}
         check_tensors(path, tensors, expected)
         load_trunk(path, bmeta, backbone, tensors)
-        emb.head.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("head.")})
+        load_module("head.", emb.head, tensors)
         emb.pool5_scale = positive_scalar(path, tensors, "pool5_scale")
         return cls(cfg, names, emb, device)
 

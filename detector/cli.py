@@ -40,6 +40,21 @@ def detect_cli() -> int:
     return run_tool(detect_main)
 
 
+def parse_training_args(parser: argparse.ArgumentParser, argv=None):
+    """(args, config) of a training tool: its arguments plus --config / --set, logging set up,
+    the resolved config printed (the run folder keeps a copy)."""
+    import logging
+
+    from .config import add_config_args, load_config
+
+    add_config_args(parser)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    cfg = load_config(args.config, args.overrides)
+    print("config:\n" + cfg.dump())
+    return args, cfg
+
+
 def run_tool(main, argv=None) -> int:
     """Run a tool's main(); bad input (detector.errors.InputError: config, dataset, image,
     weights, model file) prints one line naming the problem and exits with 2, no traceback.

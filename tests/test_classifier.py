@@ -194,3 +194,254 @@ def test_classify_takes_a_path_an_array_or_a_pil_image(tmp_path):
     assert [s for _, s in a["top5"]] == sorted((float(s) for s in a["scores"]), reverse=True)[:5]
     with pytest.raises(ValueError, match="unknown view scheme"):
         clf.classify(img, views="12")
+
+
+# ----------------------------------------------------------------------------- training
+
+def test_training_writes_a_model_that_classifies_and_reproduces(trained, tmp_path):
+    import json
+
+    import detector
+    from detector.classifier_training import train_classifier
+    from detector.config import load_config
+
+    tmp, data, path = trained
+    summary = json.loads((tmp / "run" / "train_summary.json").read_text())
+    assert [e["size"] for e in summary["epochs"]] == [64, 48, 64, 48]  # alternating sizes per epoch
+    assert summary["images"] == 15 and summary["skipped"] == []
+    clf = detector.load_classifier(path)
+    assert clf.class_names == COLOURS
+    r = clf.classify(str(data / "test" / "red" / "0.jpg"), views="multi")
+    assert r["scores"].shape == (3,)
+    # same seed, same data: the same bytes (a fresh run folder, the same conv-map cache)
+    again = train_classifier(str(data), str(tmp_path / "again"), load_config(SMOKE), str(tmp / "cache"),
+                             progress=False)
+    assert again.read_bytes() == path.read_bytes()
+
+
+def test_an_interrupted_training_resumes_to_the_same_model(trained, tmp_path, monkeypatch):
+    import detector.classifier_training as ct
+    from detector.config import load_config
+
+    tmp, data, path = trained
+    real, calls = ct.Trainer.epoch, []
+
+    def stop_in_epoch_3(self, epoch, progress):
+        calls.append(epoch)
+        if epoch == 2 and len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(self, epoch, progress)
+
+    monkeypatch.setattr(ct.Trainer, "epoch", stop_in_epoch_3)
+    with pytest.raises(KeyboardInterrupt):
+        ct.train_classifier(str(data), str(tmp_path / "r"), load_config(SMOKE), str(tmp / "cache"), progress=False)
+    assert not (tmp_path / "r" / "model.safetensors").exists()
+    out = ct.train_classifier(str(data), str(tmp_path / "r"), load_config(SMOKE), str(tmp / "cache"),
+                              progress=False)
+    assert calls == [0, 1, 2, 2, 3]  # epochs 0 and 1 came from the checkpoint
+    assert out.read_bytes() == path.read_bytes()
+
+
+@pytest.mark.parametrize("items,per_image", [
+    (["classifier.input=full"], 2),  # the image and its mirror image
+    (["classifier.input=crop224", "classifier.crop_positions=grid9"], 18),
+])
+def test_other_input_modes_train(trained, tmp_path, items, per_image):
+    import json
+
+    import detector.classifier_training as ct
+    from detector.config import load_config
+
+    tmp, data, _ = trained
+    cfg = load_config(SMOKE, items + ["classifier.epochs=2"])
+    seen = []
+    real = ct.collect
+    ct.collect = lambda samples, size, emb, progress: (real(samples, size, emb, progress),
+                                                      seen.append(samples.tables[size].shape))[0]
+    try:
+        ct.train_classifier(str(data), str(tmp_path / "r"), cfg, str(tmp / "cache"), progress=False)
+    finally:
+        ct.collect = real
+    assert seen[0][:2] == (15, per_image)
+    sizes = [e["size"] for e in json.loads((tmp_path / "r" / "train_summary.json").read_text())["epochs"]]
+    assert sizes == ([80, 80] if "full" in items[0] else [64, 64])
+
+
+def test_random_multisize_draws_each_epochs_size_in_the_range():
+    from detector.classifier_training import epoch_size
+    from detector.config import load_config
+
+    cfg = load_config(SMOKE, ["classifier.size_schedule=random", "classifier.sizes=[48, 64]"])
+    sizes = [epoch_size(cfg, e) for e in range(40)]
+    assert all(48 <= s <= 64 for s in sizes) and len(set(sizes)) > 5
+    assert sizes == [epoch_size(cfg, e) for e in range(40)]  # seeded by (seed, epoch): resumable
+
+
+def test_fine_tuning_the_last_block_changes_only_that_block(trained, tmp_path):
+    import detector
+    from detector.backbones import build_backbone
+    from detector.classifier_training import train_classifier
+    from detector.config import load_config
+
+    tmp, data, _ = trained
+    cfg = load_config(SMOKE, ["classifier.trunk_trainable_blocks=1", "classifier.epochs=1", "classifier.lr=0.1"])
+    clf = detector.load_classifier(train_classifier(str(data), str(tmp_path / "r"), cfg, str(tmp / "cache"),
+                                                    progress=False))
+    before = build_backbone(cfg.backbone).trunk.state_dict()
+    after = clf.backbone.trunk.state_dict()
+    last = str(len(clf.backbone.trunk) - 1) + "."
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith(last) for k in changed)
+
+
+# ----------------------------------------------------------------------------- model file
+
+def test_model_file_round_trip_and_damage(trained, tmp_path):
+    import detector
+    from detector.errors import ModelFormatError
+    from safetensors.torch import load_file, save_file
+    from safetensors import safe_open
+
+    tmp, data, path = trained
+    clf = detector.load_classifier(path)
+    clf.save(tmp_path / "copy.safetensors")
+    assert (tmp_path / "copy.safetensors").read_bytes() == path.read_bytes()
+    img = str(data / "test" / "green" / "1.jpg")
+    np.testing.assert_array_equal(detector.load_classifier(tmp_path / "copy.safetensors").classify(img)["scores"],
+                                  clf.classify(img)["scores"])
+    blob = path.read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(blob[: len(blob) // 2])
+    with pytest.raises(ModelFormatError, match="cut.safetensors"):
+        detector.load_classifier(tmp_path / "cut.safetensors")
+    with safe_open(str(path), framework="pt") as f:
+        meta = dict(f.metadata())
+    tensors = load_file(str(path))
+    tensors["head.fc8.weight"] = tensors["head.fc8.weight"][:2]  # two classes' rows for three names
+    save_file(tensors, str(tmp_path / "rows.safetensors"), metadata=meta)
+    with pytest.raises(ModelFormatError, match="head.fc8.weight"):
+        detector.load_classifier(tmp_path / "rows.safetensors")
+    tensors = load_file(str(path))
+    tensors["pool5_scale"] = torch.tensor([-1.0], dtype=torch.float64)
+    save_file(tensors, str(tmp_path / "neg.safetensors"), metadata=meta)
+    with pytest.raises(ModelFormatError, match="pool5_scale"):
+        detector.load_classifier(tmp_path / "neg.safetensors")
+    with pytest.raises(ModelFormatError, match="a classifier .*not a detector"):
+        detector.load(path)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+def run(tool, argv, capsys):
+    """(exit status, stdout, the `error:` lines) of a tool run through its error boundary."""
+    import importlib
+
+    from detector.cli import run_tool
+
+    rc = run_tool(importlib.import_module(f"tools.{tool}").main, [str(a) for a in argv])
+    out, err = capsys.readouterr()
+    assert "Traceback" not in err
+    return rc, out, [line for line in err.splitlines() if line.startswith("error:")]
+
+
+def test_test_tool_prints_the_table_and_ends_with_the_two_error_lines(trained, tmp_path, capsys):
+    import json
+    import re
+
+    tmp, data, path = trained
+    rc, out, errors = run("test_classifier", ["--model", path, "--dataset", data, "--views", "all", "--quiet",
+                                              "--out", tmp_path / "res"], capsys)
+    assert rc == 0 and not errors
+    lines = out.strip().splitlines()
+    assert re.fullmatch(r"top1_err = \d\.\d{4}", lines[-2]) and re.fullmatch(r"top5_err = \d\.\d{4}", lines[-1])
+    res = json.loads((tmp_path / "res" / "results.json").read_text())
+    assert [r["scheme"] for r in res] == ["center", "full", "10", "10crop", "multi"]
+    assert lines[-2] == f"top1_err = {res[-1]['top1_err']:.4f}"  # with `all`, the last scheme's
+    for r in res:
+        row = next(line for line in lines if line.startswith(r["scheme"] + " "))
+        assert row.split()[1:4] == ["6", f"{r['top1_err']:.4f}", f"{r['top5_err']:.4f}"]
+    assert all(name in out for name in COLOURS)  # the per-class table
+    # top-1 error against the predictions file, counted by hand
+    import csv
+
+    rows = list(csv.DictReader(open(tmp_path / "res" / "predictions_multi.csv")))
+    assert abs(sum(r["label"] != r["predicted"] for r in rows) / len(rows) - res[-1]["top1_err"]) < 1e-12
+
+
+def test_unreadable_and_zero_byte_images_are_skipped_and_counted(trained, tmp_path, capsys):
+    import shutil
+
+    tmp, data, path = trained
+    shutil.copytree(data, tmp_path / "d")
+    (tmp_path / "d" / "test" / "red" / "empty.jpg").write_bytes(b"")
+    (tmp_path / "d" / "test" / "blue" / "broken.jpg").write_bytes(b"not a jpeg at all")
+    rc, out, errors = run("test_classifier", ["--model", path, "--dataset", tmp_path / "d", "--quiet"], capsys)
+    assert rc == 0 and not errors
+    head = out.splitlines()[0]
+    assert "6 images" in head and "skipped 2 unreadable" in head and "empty.jpg" in head and "broken.jpg" in head
+    # in training too: skipped, counted in the summary, the rest trained on
+    import json
+
+    (tmp_path / "d" / "train" / "green" / "broken.jpg").write_bytes(b"\xff\xd8 truncated")
+    rc, out, errors = run("train_classifier", ["--dataset", tmp_path / "d", "--out", tmp_path / "r", "--quiet",
+                                               "--cache", tmp / "cache", "--config", SMOKE,
+                                               "--set", "classifier.epochs=1"], capsys)
+    assert rc == 0 and not errors
+    summary = json.loads((tmp_path / "r" / "train_summary.json").read_text())
+    assert summary["images"] == 15 and [Path(p).name for p, _ in summary["skipped"]] == ["broken.jpg"]
+
+
+def test_a_tiny_image_classifies_with_full_and_every_other_scheme(trained, tmp_path):
+    import detector
+
+    _, _, path = trained
+    clf = detector.load_classifier(path)
+    for scheme in ("full", "center", "10", "10crop", "multi"):
+        assert clf.classify(rgb(10, 10), views=scheme)["scores"].shape == (3,)
+
+
+@pytest.mark.parametrize("case", ["empty class", "no split", "unknown class", "detector model", "classifier to voc",
+                                  "no class folders"])
+def test_bad_input_is_one_error_line_naming_it(trained, tmp_path, capsys, case):
+    import shutil
+
+    from detector.model_file import write_model_file
+
+    tmp, data, path = trained
+    d = tmp_path / "d"
+    shutil.copytree(data, d)
+    if case == "empty class":
+        (d / "train" / "violet").mkdir()
+        argv, tool, names = ["--dataset", d, "--out", tmp_path / "r", "--config", SMOKE], "train_classifier", \
+            "violet holds no images"
+    elif case == "no split":
+        argv, tool, names = ["--model", path, "--dataset", d, "--split", "val"], "test_classifier", \
+            "split folder " + str(d / "val") + " does not exist"
+    elif case == "unknown class":
+        shutil.copytree(d / "test" / "red", d / "test" / "violet")
+        argv, tool, names = ["--model", path, "--dataset", d], "test_classifier", \
+            "class folder " + str(d / "test" / "violet") + " is not a class the model knows"
+    elif case == "detector model":
+        write_model_file(tmp_path / "det.safetensors", "sppnet-detector", 1, {}, {"x": torch.zeros(1)})
+        argv, tool, names = ["--model", tmp_path / "det.safetensors", "--dataset", d], "test_classifier", \
+            "this is a detector"
+    elif case == "classifier to voc":
+        argv, tool, names = ["--model", path, "--dataset", d], "test_voc", "this is a classifier"
+    else:
+        shutil.rmtree(d / "test")
+        (d / "test").mkdir()
+        argv, tool, names = ["--model", path, "--dataset", d], "test_classifier", "has no class folders"
+    rc, _, errors = run(tool, argv, capsys)
+    assert rc == 2 and len(errors) == 1 and names in errors[0], errors
+
+
+def test_image_folder_reader_sorts_classes_and_labels_by_folder(tmp_path):
+    from detector.datasets.imagefolder import load_image_folder
+
+    d = make_folder(tmp_path / "d", n_train=2, n_test=1)
+    (d / "train" / ".hidden").mkdir()
+    (d / "train" / "red" / "notes.txt").write_text("not an image")
+    s = load_image_folder(d, "train")
+    assert s.class_names == COLOURS and len(s) == 6
+    assert [Path(p).parent.name for p in s.paths] == [COLOURS[k] for k in s.labels]
+    t = load_image_folder(d, "test", ["red", "green", "blue", "violet"])  # the model's order, extra classes allowed
+    assert [Path(p).parent.name for p in t.paths] == [["red", "green", "blue", "violet"][k] for k in t.labels]

@@ -5,14 +5,12 @@ fine-tuning -> SVMs -> box regression -> RUN_DIR/model.safetensors.  Stages resu
   python tools/train.py --dataset data/synthetic --out data/runs/demo --config configs/synthetic.yaml
 """
 import argparse
-import logging
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from detector.cli import run_tool  # noqa: E402
-from detector.config import add_config_args, load_config  # noqa: E402
+from detector.cli import parse_training_args, run_tool  # noqa: E402
 from detector.stages import STAGES  # noqa: E402  (torch-free)
 
 
@@ -25,11 +23,7 @@ def main(argv=None) -> int:
     ap.add_argument("--cache", default="data/cache", help="proposal and feature cache root")
     ap.add_argument("--stop-after", default="model", choices=STAGES, help="run the stages up to this one")
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
-    add_config_args(ap)
-    args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    cfg = load_config(args.config, args.overrides)
-    print("config:\n" + cfg.dump())
+    args, cfg = parse_training_args(ap, argv)
     # imported here: spawned proposal workers re-import this script and need not load torch
     from detector.pipeline import train
     path = train(args.dataset, args.out, cfg, args.train_split, args.cache, progress=not args.quiet,

@@ -7,14 +7,12 @@ Interrupt it and run it again: it resumes from its last epoch.
       --config configs/flowers17.yaml [--set classifier.input=multisize]
 """
 import argparse
-import logging
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from detector.cli import run_tool  # noqa: E402
-from detector.config import add_config_args, load_config  # noqa: E402
+from detector.cli import parse_training_args, run_tool  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -23,11 +21,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True, help="run directory (model, checkpoint, summary)")
     ap.add_argument("--cache", default="data/cache", help="conv-map cache root")
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
-    add_config_args(ap)
-    args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    cfg = load_config(args.config, args.overrides)
-    print("config:\n" + cfg.dump())
+    args, cfg = parse_training_args(ap, argv)
     from detector.classifier_training import train_classifier
 
     path = train_classifier(args.dataset, args.out, cfg, args.cache, progress=not args.quiet)
