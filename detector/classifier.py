@@ -45,6 +45,11 @@ def classifier_embedder(cfg: Config, backbone: Backbone, num_classes: int, pool5
     return emb
 
 
+def classifier_extractor(cfg: Config, backbone: Backbone, scale: int, device: str = "auto") -> FeatureExtractor:
+    """Conv maps at one scale, channels-last (faster on a CPU; training caches them the same way)."""
+    return FeatureExtractor(backbone, [scale], cfg.features.max_size, device, channels_last=True)
+
+
 def whole_pool5(embedder: WindowEmbedder, sf: ScaleFeatures) -> torch.Tensor:
     """Scaled pool5 [1, D] of a whole map (a full image, or a crop's own map)."""
     return embedder.pool5([sf], full_box(*sf.image_size), np.zeros(1, np.int64))
@@ -65,7 +70,7 @@ class SPPClassifier:
 
     def extractor(self, scale: int) -> FeatureExtractor:
         if scale not in self._extractors:
-            self._extractors[scale] = FeatureExtractor(self.backbone, [scale], self.cfg.features.max_size, self.device)
+            self._extractors[scale] = classifier_extractor(self.cfg, self.backbone, scale, self.device)
         return self._extractors[scale]
 
     def views(self, width: int, height: int, name: str) -> list[ViewGroup]:
@@ -79,13 +84,17 @@ class SPPClassifier:
         return torch.softmax(self.head(pool5), dim=1)
 
     def _view_pool5(self, img: np.ndarray, groups: list[ViewGroup], timer: StageTimer) -> torch.Tensor:
-        """Scaled pool5 of every view, each (scale, flip) map computed once."""
+        """Scaled pool5 of every view, each (scale, flip) map computed once; where a scale
+        needs both, the image and its mirror image go through the trunk as one batch."""
         maps: dict = {}
         rows = []
         for g in groups:
             key = (g.scale, g.flip)
             if key not in maps:
-                maps[key] = self.extractor(g.scale)(img, flip=g.flip, timer=timer)
+                if (g.scale, not g.flip) in {(h.scale, h.flip) for h in groups}:
+                    maps[(g.scale, False)], maps[(g.scale, True)] = self.extractor(g.scale).with_mirror(img, timer)
+                else:
+                    maps[key] = self.extractor(g.scale)(img, flip=g.flip, timer=timer)
             rows.append(self.embedder.pool5(maps[key], g.boxes, np.zeros(len(g.boxes), np.int64)))
             timer.lap("spp")
         return torch.cat(rows)

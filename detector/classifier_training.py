@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 
 from .backbones import build_backbone, split_trunk
 from .cache import atomic_write_bytes, atomic_write_json, params_digest
-from .classifier import SPPClassifier, classifier_embedder, whole_pool5
+from .classifier import SPPClassifier, classifier_embedder, classifier_extractor, whole_pool5
 from .config import Config
 from .crops import CropCache
 from .datasets.imagefolder import ImageFolderSplit, load_image_folder
@@ -225,7 +225,7 @@ def train_classifier(dataset: str, out: str, cfg: Config, cache_root: str = "dat
     torch.manual_seed(cfg.seed)  # the head's initial weights
     backbone = build_backbone(cfg.backbone)
     frozen, suffix = split_trunk(backbone, c.trunk_trainable_blocks)
-    extractor = FeatureExtractor(frozen, [c.full_scale], cfg.features.max_size, cfg.features.device)
+    extractor = classifier_extractor(cfg, frozen, c.full_scale, cfg.features.device)
     embedder = classifier_embedder(cfg, backbone, len(data.class_names))
     samples = Samples(list(data.paths), np.array(data.labels, np.int64), TrainingMaps(cfg, extractor, cache_root),
                       {}, list(data.skipped))

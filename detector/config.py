@@ -130,7 +130,7 @@ class ClassifierConfig:
     trunk_trainable_blocks: int = 0  # 0: frozen trunk; k: fine-tune its last k blocks too
     trunk_lr_mult: float = 0.1  # the fine-tuned blocks' learning rate, relative to lr
     target_norm: float = 20.0  # pool5 is scaled to this mean L2 norm, as in detection
-    checkpoint_every: int = 1  # epochs
+    checkpoint_every: int = 10  # epochs (a checkpoint holds the head and its momentum: ~130 MB at stride 32)
     test_scales: list = field(default_factory=lambda: [224, 256, 300, 360, 448, 560])  # the multi scheme's
 
 

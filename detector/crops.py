@@ -64,8 +64,7 @@ def crop_maps(extractor: FeatureExtractor, crops: list) -> list[ScaleFeatures]:
     for i, c in enumerate(crops):
         sizes.setdefault(c.shape[:2], []).append(i)
     for (h, w), idx in sizes.items():
-        x = torch.stack([extractor.prepare(crops[i], 1.0) for i in idx]).to(extractor.device)
-        maps = extractor.backbone.trunk(x)
+        maps = extractor.run_trunk(torch.stack([extractor.prepare(crops[i], 1.0) for i in idx]))
         for i, m in zip(idx, maps):
             out[i] = ScaleFeatures(crops[i].shape[0], 1.0, m, (w, h))
     return out

@@ -57,7 +57,7 @@ CLAIMS = {
     "smoke.yaml": {"features.scales": [160], "finetune.iterations": 30, "proposals.workers": 1},
     "classifier_smoke.yaml": {"classifier.input": "multisize", "classifier.view_size": 64,
                               "classifier.sizes": [64, 48], "classifier.epochs": 4},
-    "flowers17.yaml": {"classifier.input": "crop224", "classifier.view_size": 224, "classifier.view_scale": 256,
+    "flowers17.yaml": {"backbone.cut": "stride32", "classifier.input": "crop224", "classifier.view_size": 224, "classifier.view_scale": 256,
                        "classifier.sizes": [224, 180], "classifier.size_schedule": "alternate",
                        "classifier.full_scale": 256, "classifier.trunk_trainable_blocks": 0,
                        "classifier.test_scales": [224, 256, 300, 360, 448, 560]},
