@@ -4,6 +4,11 @@ fine-tuned fc layers, per-class linear SVMs, box regression.
     import detector
     model = detector.load("data/runs/demo/model.safetensors")
     result = model.detect("image.jpg")   # dict(boxes, scores, labels, label_names)
+
+and image classification with the same SPP layer:
+
+    clf = detector.load_classifier("data/runs/flowers17/model.safetensors")
+    clf.classify("image.jpg", views="full")   # dict(scores, label, label_name, top5)
 """
 __version__ = "0.1.0"
 
@@ -20,3 +25,10 @@ def detect(image, model, **kwargs):
     from .model import detect as _detect
 
     return _detect(image, model, **kwargs)
+
+
+def load_classifier(path, device: str = "auto"):
+    """Load a trained SPP-net classifier (see detector.classifier)."""
+    from .classifier import load_classifier as _load
+
+    return _load(path, device)

@@ -345,3 +345,28 @@ def build_backbone(cfg, pretrained: bool = True) -> Backbone:
         bb = BACKBONES[cfg.name](random_init=True, cut=cfg.cut)
     bb.weights_id = "saved"
     return bb
+
+
+def split_trunk(backbone: Backbone, trainable_blocks: int) -> tuple[Backbone, Optional[nn.Module]]:
+    """(frozen part, trainable last blocks) of a trunk, for fine-tuning its last blocks.
+
+    The frozen part is a Backbone of its own (its conv maps are what gets cached) that
+    pads its input like the whole trunk, so the last blocks see exactly the maps the whole
+    trunk would compute.  Both share their modules with `backbone.trunk`.  With
+    `trainable_blocks` 0 the frozen part is the whole backbone and there is nothing to train.
+    """
+    if trainable_blocks == 0:
+        return backbone, None
+    if not isinstance(backbone.trunk, nn.Sequential):
+        raise ConfigError(f"classifier.trunk_trainable_blocks needs a trunk made of blocks (nn.Sequential); "
+                          f"{backbone.name}'s is not: use 0")
+    blocks = list(backbone.trunk.children())
+    if trainable_blocks >= len(blocks):
+        raise ConfigError(f"classifier.trunk_trainable_blocks is {trainable_blocks}, but {backbone.name}'s trunk "
+                          f"has {len(blocks)} blocks; at most {len(blocks) - 1} can be fine-tuned")
+    frozen = nn.Sequential(*blocks[:-trainable_blocks]).eval()
+    stride, offset = geometry_from_layers(m for n, m in frozen.named_modules() if "downsample" not in n)
+    channels = [m for m in frozen.modules() if isinstance(m, nn.Conv2d)][-1].out_channels
+    part = Backbone(f"{backbone.name}_first{len(blocks) - trainable_blocks}", frozen, stride, offset, channels,
+                    backbone.size_divisor, backbone.mean, backbone.std, backbone.bgr, backbone.weights_id)
+    return part, nn.Sequential(*blocks[-trainable_blocks:])

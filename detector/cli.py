@@ -70,6 +70,24 @@ def detect_cli() -> int:
     return run_tool(detect_main)
 
 
+def parse_training_args(parser: argparse.ArgumentParser, argv=None):
+    """(args, config) of a training tool: its arguments plus --config / --set (and --device, if
+    the tool has it), logging set up, the resolved config printed once (by torchrun's rank 0;
+    the run folder keeps a copy)."""
+    import logging
+
+    from .config import add_config_args, load_config
+
+    add_config_args(parser)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    device = getattr(args, "device", None)
+    cfg = load_config(args.config, args.overrides + ([f"features.device={device}"] if device else []))
+    if os.environ.get("RANK", "0") == "0":
+        print("config:\n" + cfg.dump())
+    return args, cfg
+
+
 def _one_line_warning(message, category, filename, lineno, line=None) -> str:
     kind = "" if category is UserWarning else f" ({category.__name__})"
     return f"warning{kind}: {message}\n"

@@ -114,6 +114,31 @@ class TestConfig:
 
 
 @dataclass
+class ClassifierConfig:
+    """Image classification (tools/train_classifier.py, docs/design.md "Classification")."""
+    input: str = "crop224"  # crop224 (fixed crops: the no-SPP baseline) | full (whole images) | multisize
+    fc_dims: list = field(default_factory=lambda: [1024, 1024])
+    dropout: float = 0.5
+    view_size: int = 224  # crops and views: view_size x view_size pixels of the resized image
+    view_scale: int = 256  # shorter side the crops and the center / 10 views are cut from (paper: 256)
+    crop_positions: str = "corners5"  # training crops: corners5 (10 with flips) | grid9 (18 with flips)
+    sizes: list = field(default_factory=lambda: [224, 180])  # multisize: each crop resized to these sizes
+    size_schedule: str = "alternate"  # multisize: alternate sizes per epoch | random (integer in [min, max])
+    full_scale: int = 256  # shorter side of full-image input, in training and the full-image views
+    epochs: int = 60
+    batch_size: int = 64
+    lr: float = 0.01
+    lr_steps: list = field(default_factory=lambda: [40])  # epochs at which lr drops 10x
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    trunk_trainable_blocks: int = 0  # 0: frozen trunk; k: fine-tune its last k blocks too
+    trunk_lr_mult: float = 0.1  # the fine-tuned blocks' learning rate, relative to lr
+    target_norm: float = 20.0  # pool5 is scaled to this mean L2 norm, as in detection
+    checkpoint_every: int = 10  # epochs (a checkpoint holds the head and its momentum: ~130 MB at stride 32)
+    test_scales: list = field(default_factory=lambda: [224, 256, 300, 360, 448, 560])  # the multi scheme's
+
+
+@dataclass
 class Config:
     classes: Optional[list] = None  # None: taken from the dataset's annotations
     seed: int = 0
@@ -125,6 +150,7 @@ class Config:
     svm: SVMConfig = field(default_factory=SVMConfig)
     bbox: BBoxConfig = field(default_factory=BBoxConfig)
     test: TestConfig = field(default_factory=TestConfig)
+    classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -323,6 +349,37 @@ def validate(cfg: Config) -> None:
     if cfg.classes is not None:
         _check(all(isinstance(c, str) and c for c in cfg.classes) and len(set(cfg.classes)) == len(cfg.classes),
                f"classes must be distinct non-empty names, got {cfg.classes}")
+    validate_classifier(cfg.classifier)
+
+
+def validate_classifier(c: ClassifierConfig) -> None:
+    # No rule against features.max_size: a scale it caps gives a smaller image, and views clip to it.
+    _check(c.input in ("crop224", "full", "multisize"), f"classifier.input must be crop224, full or multisize, "
+                                                        f"got {c.input!r}")
+    _check(len(c.fc_dims) == 2 and _ints(c.fc_dims, 1), f"classifier.fc_dims must list two sizes (fc6, fc7), "
+                                                         f"got {c.fc_dims}")
+    _check(0 <= c.dropout < 1, f"classifier.dropout must be in [0, 1), got {c.dropout}")
+    _check(_ints([c.view_size, c.view_scale, c.full_scale], 32),
+           "classifier: view_size, view_scale and full_scale must be integers >= 32")
+    _check(c.view_size <= c.view_scale, f"classifier.view_size ({c.view_size}) must fit in view_scale "
+                                        f"({c.view_scale}): views are cut from the image resized to it")
+    _check(c.crop_positions in ("corners5", "grid9"), f"classifier.crop_positions must be corners5 or grid9, "
+                                                      f"got {c.crop_positions!r}")
+    _check(_ints(c.sizes, 32) and len(set(c.sizes)) == len(c.sizes) >= 2,
+           f"classifier.sizes must list two or more distinct integers >= 32, got {c.sizes}")
+    _check(c.size_schedule in ("alternate", "random"), f"classifier.size_schedule must be alternate or random, "
+                                                       f"got {c.size_schedule!r}")
+    _check(c.epochs >= 1 and c.batch_size >= 2 and c.checkpoint_every >= 1 and c.lr > 0 and c.trunk_lr_mult >= 0,
+           "classifier: epochs >= 1, batch_size >= 2, checkpoint_every >= 1, lr > 0 and trunk_lr_mult >= 0 "
+           "are needed")
+    _check(all(isinstance(v, int) and not isinstance(v, bool) for v in c.lr_steps),
+           f"classifier.lr_steps must be integers (epochs), got {c.lr_steps}")
+    _check(c.momentum >= 0 and c.weight_decay >= 0 and c.target_norm > 0,
+           "classifier: momentum and weight_decay must be >= 0 and target_norm > 0")
+    _check(isinstance(c.trunk_trainable_blocks, int) and c.trunk_trainable_blocks >= 0,
+           f"classifier.trunk_trainable_blocks must be >= 0 (0: frozen trunk), got {c.trunk_trainable_blocks}")
+    _check(_ints(c.test_scales, 32), f"classifier.test_scales must be a non-empty list of integers >= 32, "
+                                     f"got {c.test_scales}")
 
 
 def apply_test_overrides(cfg: Config, items: list[str] | None) -> None:

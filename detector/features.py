@@ -60,13 +60,16 @@ class FeatureExtractor:
     """Backbone + scales: `extractor(image)` gives one `ScaleFeatures` per scale."""
 
     def __init__(self, backbone: Backbone, scales: Sequence[int], max_size: int = 2000, device: str = "auto",
-                 resize_on_device: Optional[bool] = None):
+                 resize_on_device: Optional[bool] = None, channels_last: bool = False):
         if not scales:
             raise ValueError("at least one scale is needed")
         self.backbone = backbone
         self.scales = sorted(int(s) for s in scales)
         self.max_size = int(max_size)
         self.device = resolve_device(device)
+        # channels-last inputs: the same maps up to float rounding, ~1.6x faster for Lite0 on a
+        # CPU (BENCHMARKS.md, "Classification"); the classifier uses it, detection not yet
+        self.channels_last = bool(channels_last)
         self.backbone.trunk.to(self.device).eval()
         # On a GPU the uint8 image is uploaded once and resized there (torch bilinear); on the
         # CPU OpenCV resizes faster.  The two differ by rounding (OpenCV rounds to uint8), so the
@@ -103,6 +106,37 @@ class FeatureExtractor:
         pw = max(-(-w // d) * d, MIN_INPUT) - w
         return F.pad(x, (0, pw, 0, ph)) if (ph or pw) else x
 
+    def run_trunk(self, batch: torch.Tensor) -> torch.Tensor:
+        """[B, 3, H, W] prepared inputs -> [B, C, h, w] maps, on the compute device."""
+        x = batch.to(self.device)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.backbone.trunk(x)
+
+    @torch.inference_mode()
+    def with_mirror(self, image, timer: StageTimer = NO_TIMER) -> tuple[list[ScaleFeatures], list[ScaleFeatures]]:
+        """Features of the image and of its mirror image: each still its own map, the two
+        computed in one batch per scale (same size), which is cheaper than two calls."""
+        img = load_image(image)
+        mirror = np.ascontiguousarray(img[:, ::-1])
+        H, W = img.shape[:2]
+        out: tuple[list, list] = ([], [])
+        both = torch.from_numpy(np.stack([img, mirror])).to(self.device) if self.resize_on_device else None
+        for scale, f in zip(self.scales, self.factors(W, H)):
+            timer.start()
+            if both is not None:
+                x = torch.stack([self.prepare_on_device(both[0], f), self.prepare_on_device(both[1], f)])
+            else:
+                x = torch.stack([self.prepare(img, f), self.prepare(mirror, f)])
+            timer.lap("resize")
+            fmaps = self.run_trunk(x)
+            if fmaps.is_cuda and timer is not NO_TIMER:
+                torch.cuda.synchronize()  # only to time it
+            timer.lap("conv")
+            for k in (0, 1):
+                out[k].append(ScaleFeatures(scale, f, fmaps[k], (W, H)))
+        return out
+
     @torch.inference_mode()
     def __call__(self, image, flip: bool = False, timer: StageTimer = NO_TIMER) -> list[ScaleFeatures]:
         """Features of the image (or of its mirror image, for flip augmentation) at every scale.
@@ -115,9 +149,9 @@ class FeatureExtractor:
         uploaded = torch.from_numpy(img).to(self.device, non_blocking=True) if self.resize_on_device else None
         for scale, f in zip(self.scales, self.factors(W, H)):
             timer.start()
-            x = self.prepare_on_device(uploaded, f) if uploaded is not None else self.prepare(img, f).to(self.device)
+            x = self.prepare_on_device(uploaded, f) if uploaded is not None else self.prepare(img, f)
             timer.lap("resize")
-            fmap = self.backbone.trunk(x[None])[0]
+            fmap = self.run_trunk(x[None])[0]
             if fmap.is_cuda and timer is not NO_TIMER:
                 torch.cuda.synchronize()  # only to time it
             timer.lap("conv")
@@ -129,16 +163,19 @@ class FeatureExtractor:
         return {"backbone": bb.name, "weights": bb.weights_id, "geometry": bb.geometry(),
                 "mean": bb.mean, "std": bb.std, "bgr": bb.bgr, "max_size": self.max_size,
                 "preprocess": PREPROCESS_VERSION, "min_input": MIN_INPUT,
-                **({"resize": "torch-bilinear"} if self.resize_on_device else {})}
+                **({"resize": "torch-bilinear"} if self.resize_on_device else {}),
+                **({"channels_last": True} if self.channels_last else {})}  # detection's keys unchanged
 
 
 class FeatureCache:
     """Conv features per image and scale, from disk when present, else computed and stored."""
 
-    def __init__(self, root: str | os.PathLike, extractor: FeatureExtractor, dtype: str = "float16"):
+    def __init__(self, root: str | os.PathLike, extractor: FeatureExtractor, dtype: str = "float16",
+                 extra: Optional[dict] = None):
         self.extractor = extractor
         self.dtype = np.dtype(dtype)
-        params = dict(extractor.cache_params(), dtype=self.dtype.name)
+        # `extra`: what else decides a file's content (the crop settings of crops.CropCache)
+        params = dict(extractor.cache_params(), dtype=self.dtype.name, **(extra or {}))
         self.key = params_digest(params)
         self.dir = Path(root) / self.key
         self.dir.mkdir(parents=True, exist_ok=True)

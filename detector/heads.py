@@ -1,7 +1,7 @@
 """Fully connected layers on top of the SPP vector (paper section 4.1).
 
 fc6 -> ReLU -> dropout -> fc7 -> ReLU -> dropout -> fc8 (K+1 classes, softmax;
-class 0 is background).  The original fine-tunes fc6/fc7 that were
+class 0 is background; the classifier's head, `background=False`, has K).  The original fine-tunes fc6/fc7 that were
 pre-trained with ZF-5 on ImageNet; a backbone cut from a classification
 network (EfficientNet-Lite0) has no fc layers that read SPP vectors, so fc6
 and fc7 start from a seeded Kaiming init here and fc8 from N(0, 0.01) as in
@@ -17,12 +17,13 @@ from torch import nn
 
 
 class FCHead(nn.Module):
-    def __init__(self, in_dim: int, fc_dims: Sequence[int], num_classes: int, dropout: float = 0.5):
+    def __init__(self, in_dim: int, fc_dims: Sequence[int], num_classes: int, dropout: float = 0.5,
+                 background: bool = True):
         super().__init__()
         self.in_dim, self.fc_dims, self.num_classes = int(in_dim), [int(d) for d in fc_dims], int(num_classes)
         self.fc6 = nn.Linear(in_dim, fc_dims[0])
         self.fc7 = nn.Linear(fc_dims[0], fc_dims[1])
-        self.fc8 = nn.Linear(fc_dims[1], num_classes + 1)
+        self.fc8 = nn.Linear(fc_dims[1], num_classes + int(background))
         self.drop = nn.Dropout(dropout)
         for fc in (self.fc6, self.fc7):
             nn.init.kaiming_normal_(fc.weight, nonlinearity="relu")

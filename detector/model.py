@@ -21,8 +21,8 @@ from .bbox_regression import BoxRegressor
 from .config import Config, ConfigError, apply_test_overrides
 from .embedder import WindowEmbedder, distinct_windows, layer_dim
 from .errors import ModelFormatError
-from .model_file import (check_tensors, expected_state, positive_scalar, read_class_names, read_config,
-                         read_model_file, require, write_model_file)
+from .model_file import (check_tensors, expected_state, load_module, load_trunk, model_meta, module_tensors,
+                         positive_scalar, read_model, write_model_file)
 from .features import FeatureExtractor, ScaleFeatures
 from .heads import FCHead
 from .images import load_image
@@ -196,9 +196,9 @@ class SPPDetector:
     # ------------------------------------------------------------------ file
     def save(self, path: Union[str, Path]) -> None:
         emb, bb = self.embedder, self.backbone
-        tensors = {f"trunk.{k}": v for k, v in bb.trunk.state_dict().items()}
+        tensors = module_tensors("trunk.", bb.trunk)
         if emb.head is not None:
-            tensors.update({f"head.{k}": v for k, v in emb.head.state_dict().items()})
+            tensors.update(module_tensors("head.", emb.head))
         tensors["svm_W"] = torch.from_numpy(np.ascontiguousarray(self.svm_W))
         tensors["svm_b"] = torch.from_numpy(np.ascontiguousarray(self.svm_b))
         tensors["pool5_scale"] = torch.tensor([emb.pool5_scale], dtype=torch.float64)
@@ -206,17 +206,12 @@ class SPPDetector:
         if self.regressor is not None:
             tensors.update({k: torch.from_numpy(np.ascontiguousarray(v))
                             for k, v in self.regressor.to_arrays().items()})
-        meta = {"config": self.cfg.to_dict(), "class_names": self.class_names,
-                "backbone": {"name": bb.name, "weights_id": bb.weights_id, **bb.geometry()}}
-        write_model_file(path, FORMAT, FORMAT_VERSION, meta, tensors)
+        write_model_file(path, FORMAT, FORMAT_VERSION, model_meta(self.cfg, self.class_names, bb, emb.head), tensors)
 
     @classmethod
     def load(cls, path: Union[str, Path], device: str = "auto") -> "SPPDetector":
         path = Path(path)
-        meta, tensors = read_model_file(path, FORMAT, FORMAT_VERSION)
-        cfg = read_config(path, meta)
-        names = read_class_names(path, meta)
-        bmeta = require(path, meta, "backbone", dict, "a mapping")
+        _, tensors, cfg, names, bmeta = read_model(path, FORMAT, FORMAT_VERSION)
         K = len(names)
         backbone = build_backbone(cfg.backbone, pretrained=False)
         pool5_dim = WindowEmbedder.from_config(cfg, backbone).pool5_dim
@@ -234,16 +229,9 @@ class SPPDetector:
         if cfg.finetune.enabled:  # sizes now known to match the file's tensors
             head = FCHead(pool5_dim, cfg.finetune.fc_dims, K, cfg.finetune.dropout)
         embedder = WindowEmbedder.from_config(cfg, backbone, head)
-        if bmeta.get("weights_id") is not None and not isinstance(bmeta.get("weights_id"), str):
-            raise ModelFormatError(f"{path}: header entry 'backbone' has a weights_id that is not a string")
-        geometry = {k: bmeta.get(k) for k in ("stride", "offset", "channels")}
-        if geometry != {"stride": backbone.stride, "offset": backbone.offset, "channels": backbone.channels}:
-            raise ModelFormatError(f"{path}: backbone geometry {geometry} differs from the {backbone.name} trunk's "
-                                   f"({backbone.stride}, {backbone.offset}, {backbone.channels})")
-        backbone.trunk.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("trunk.")})
-        backbone.weights_id = bmeta.get("weights_id") or "saved"
+        load_trunk(path, bmeta, backbone, tensors)
         if head is not None:
-            head.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("head.")})
+            load_module("head.", head, tensors)
         embedder.pool5_scale = positive_scalar(path, tensors, "pool5_scale")
         embedder.feature_scale = positive_scalar(path, tensors, "svm_scale")
         regressor = None

@@ -142,3 +142,42 @@ def positive_scalar(path: Path, tensors: Mapping[str, torch.Tensor], name: str) 
     if not (v > 0 and v < float("inf")):
         raise _fail(path, f"tensor {name!r} must be a positive finite number, got {v}")
     return v
+
+
+def model_meta(cfg: Config, class_names, backbone, head) -> dict:
+    """The header entries both model kinds write: config, class names, the trunk and its
+    geometry, the fc head's sizes."""
+    return {"config": cfg.to_dict(), "class_names": list(class_names),
+            "backbone": {"name": backbone.name, "weights_id": backbone.weights_id, **backbone.geometry()},
+            "head": None if head is None else {"in_dim": head.in_dim, "fc_dims": head.fc_dims}}
+
+
+def read_model(path: Union[str, Path], kind: str, version: int) -> tuple[dict, dict, Config, list[str], dict]:
+    """(metadata, tensors, config, class names, the 'backbone' entry) of a model file of `kind`,
+    each checked; the caller then checks the tensors against what the config implies."""
+    path = Path(path)
+    meta, tensors = read_model_file(path, kind, version)
+    return (meta, tensors, read_config(path, meta), read_class_names(path, meta),
+            require(path, meta, "backbone", dict, "a mapping"))
+
+
+def module_tensors(prefix: str, module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {prefix + k: v for k, v in module.state_dict().items()}
+
+
+def load_module(prefix: str, module: torch.nn.Module, tensors: Mapping[str, torch.Tensor]) -> None:
+    """Load the (already checked) tensors under `prefix` into a module."""
+    module.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+
+
+def load_trunk(path: Path, bmeta: Mapping, backbone, tensors: Mapping[str, torch.Tensor]) -> None:
+    """Check the header's backbone geometry against the built trunk, then load the `trunk.*`
+    tensors (already checked by `check_tensors`) into it."""
+    if bmeta.get("weights_id") is not None and not isinstance(bmeta.get("weights_id"), str):
+        raise _fail(path, "header entry 'backbone' has a weights_id that is not a string")
+    geometry = {k: bmeta.get(k) for k in ("stride", "offset", "channels")}
+    if geometry != {"stride": backbone.stride, "offset": backbone.offset, "channels": backbone.channels}:
+        raise _fail(path, f"backbone geometry {geometry} differs from the {backbone.name} trunk's "
+                          f"({backbone.stride}, {backbone.offset}, {backbone.channels})")
+    load_module("trunk.", backbone.trunk, tensors)
+    backbone.weights_id = bmeta.get("weights_id") or "saved"

@@ -16,7 +16,9 @@ the stages it reads from, so a change propagates downstream and nowhere else:
     model      svm + bbox + finetune + the whole config but the settings below
 
 Settings that never change a result: `proposals.workers`, `features.device`,
-`features.ram_cache_mb`, `finetune.checkpoint_every`, `backbone.download`.
+`features.ram_cache_mb`, `finetune.checkpoint_every`, `backbone.download`, and the whole
+`classifier` section (it is image classification's, tools/train_classifier.py; detection never
+reads it).
 """
 from __future__ import annotations
 
@@ -38,6 +40,7 @@ def relevant_config(cfg) -> dict:
     d = copy.deepcopy(cfg.to_dict())
     for section, key in IRRELEVANT:
         d[section].pop(key, None)
+    d.pop("classifier", None)  # classification's settings; no detection stage reads them
     return d
 
 

@@ -55,6 +55,12 @@ CLAIMS = {
                   "finetune.lr_steps": [2000], "backbone.name": "efficientnet_lite0"},
     "synthetic.yaml": {"features.scales": [320], "finetune.iterations": 800, "proposals.resize": 320},
     "smoke.yaml": {"features.scales": [160], "finetune.iterations": 30, "proposals.workers": 1},
+    "classifier_smoke.yaml": {"classifier.input": "multisize", "classifier.view_size": 64,
+                              "classifier.sizes": [64, 48], "classifier.epochs": 4},
+    "flowers17.yaml": {"backbone.cut": "stride32", "classifier.input": "crop224", "classifier.view_size": 224, "classifier.view_scale": 256,
+                       "classifier.sizes": [224, 180], "classifier.size_schedule": "alternate",
+                       "classifier.full_scale": 256, "classifier.trunk_trainable_blocks": 0,
+                       "classifier.test_scales": [224, 256, 300, 360, 448, 560]},
 }
 
 
@@ -107,6 +113,16 @@ def test_base_chains_merge_mappings_and_replace_lists(tmp_path):
     (["features.max_size=600"], "below the largest scale"),
     (["svm.layer=fc8"], "svm.layer"),
     (["classes=[a, a]"], "distinct"),
+    (["classifier.input=warp"], "classifier.input"),
+    (["classifier.view_size=300"], "must fit in view_scale"),
+    (["classifier.sizes=[224]"], "two or more distinct"),
+    (["classifier.sizes=[224, 224]"], "two or more distinct"),
+    (["classifier.size_schedule=each"], "size_schedule"),
+    (["classifier.crop_positions=grid16"], "crop_positions"),
+    (["classifier.trunk_trainable_blocks=-1"], "trunk_trainable_blocks"),
+    (["classifier.fc_dims=[64]"], "two sizes"),
+    (["classifier.test_scales=[16]"], "test_scales"),
+    (["classifier.epochs=0"], "epochs >= 1"),
 ])
 def test_cross_field_rules_are_config_errors(items, msg):
     with pytest.raises(ConfigError, match=msg):

@@ -247,6 +247,12 @@ TOOL_CASES = [  # (tool, argv after the model/data placeholders are filled in, w
     ("detect", ["{image}", "--model", "{junk}"], "junk.safetensors"),
     ("test_voc", ["--model", "{tmp}", "--dataset", "{data}"], "is a folder"),
     ("detect", ["{image}", "--model", "{tmp}/none.safetensors"], "model file not found"),
+    ("train_classifier", ["--dataset", MISSING, "--out", "{tmp}/r"], "nonexistent"),
+    ("train_classifier", ["--dataset", "{data}", "--out", "{tmp}/r", "--set", "classifier.input=warp"],
+     "classifier.input"),
+    ("test_classifier", ["--model", "{model}", "--dataset", MISSING], "this is a detector"),
+    ("test_classifier", ["--model", "{junk}", "--dataset", "{data}"], "junk.safetensors"),
+    ("test_classifier", ["--model", "{tmp}/none.safetensors", "--dataset", "{data}"], "model file not found"),
 ]
 
 

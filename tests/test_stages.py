@@ -52,3 +52,9 @@ def test_data_and_feature_changes_reach_every_trained_stage():
     assert {k for k in a if a[k] != b[k]} == trained
     assert {k for k in a if a[k] != c[k]} == trained | {"features"}
     assert set(STAGES) <= set(a)
+
+
+@pytest.mark.parametrize("item", ["classifier.input=full", "classifier.epochs=7", "classifier.fc_dims=[64, 64]",
+                                  "classifier.test_scales=[224]", "classifier.trunk_trainable_blocks=2"])
+def test_classifier_settings_change_no_detection_digest(item):
+    assert changed(item) == set()

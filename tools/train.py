@@ -11,14 +11,12 @@ DistributedDataParallel, and rank 0 trains the SVMs and regressors; --cache and 
 on a file system every node shares (README, "Many machines").
 """
 import argparse
-import logging
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from detector.cli import run_tool  # noqa: E402
-from detector.config import add_config_args, load_config  # noqa: E402
+from detector.cli import parse_training_args, run_tool  # noqa: E402
 from detector.stages import STAGES  # noqa: E402  (torch-free)
 
 
@@ -35,16 +33,12 @@ def main(argv=None) -> int:
                          "--export) instead of selective search; every training image must be in it")
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
     ap.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N (sets features.device)")
-    add_config_args(ap)
-    args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    cfg = load_config(args.config, args.overrides + ([f"features.device={args.device}"] if args.device else []))
+    args, cfg = parse_training_args(ap, argv)
     # imported here: spawned proposal workers re-import this script and need not load torch
     from detector.distributed import init_from_env
     from detector.pipeline import train
 
-    if init_from_env().main:
-        print("config:\n" + cfg.dump())
+    init_from_env()
     path = train(args.dataset, args.out, cfg, args.train_split, args.cache, progress=not args.quiet,
                  stop_after=args.stop_after, image_dir=args.image_dir, proposals_file=args.proposals)
     return 0 if path is not None or args.stop_after != "model" else 1

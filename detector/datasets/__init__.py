@@ -1,6 +1,8 @@
 """Dataset readers: VOC layout, COCO json and the built-in synthetic generator.
 
-`load_dataset` is the one entry point the tools use: it takes either layout.
+`load_dataset` is the one entry point the detection tools use: it takes either layout.
+Classification reads image folders (`imagefolder.load_image_folder`; not imported here,
+since it needs torch through detector.features).
 """
 from __future__ import annotations
 

@@ -1,0 +1,94 @@
+"""A trained classifier over an image-folder split: top-1 / top-5 error, time per image,
+per-class accuracy, for one view scheme or several (tools/test_classifier.py)."""
+from __future__ import annotations
+
+import csv
+import logging
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from .cache import atomic_write_json
+from .classifier import SPPClassifier
+from .datasets.imagefolder import ImageFolderSplit
+from .errors import DatasetError, ImageError
+
+log = logging.getLogger(__name__)
+
+
+def topk_errors(scores: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
+    """[N] bool: the true label is not among the k highest scores (ties: the lower index first)."""
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return ~(order == labels[:, None]).any(axis=1)
+
+
+def run_scheme(clf: SPPClassifier, data: ImageFolderSplit, scheme: str, progress: bool = True) -> dict:
+    """Scores of every readable image under one scheme; unreadable images are skipped and counted.
+    Time per image is the whole classify() from the file, after one warm-up image."""
+    scores, labels, times, skipped, kept = [], [], [], [], []
+    if len(data):
+        try:
+            clf.classify(data.paths[0], views=scheme)  # warm-up: first-call allocations are not the method's
+        except ImageError:
+            pass
+    for path, y in tqdm(list(zip(data.paths, data.labels)), desc=f"views {scheme}", unit="img",
+                        disable=not progress):
+        t = time.perf_counter()
+        try:
+            res = clf.classify(path, views=scheme)
+        except ImageError as e:
+            log.warning("skipping %s: %s", path, e)
+            skipped.append((path, str(e)))
+            continue
+        times.append(time.perf_counter() - t)
+        scores.append(res["scores"])
+        labels.append(y)
+        kept.append(path)
+    if not scores:
+        raise DatasetError(f"{data.root}/{data.split}: no readable image to test on")
+    S, y = np.stack(scores), np.array(labels, np.int64)
+    return {"scheme": scheme, "scores": S, "labels": y, "paths": kept, "skipped": skipped,
+            "top1_err": float(topk_errors(S, y, 1).mean()), "top5_err": float(topk_errors(S, y, 5).mean()),
+            "s_per_image": float(np.mean(times)), "median_s": float(np.median(times))}
+
+
+def per_class_accuracy(result: dict, n_classes: int) -> list:
+    """Top-1 accuracy of each class (None where the split has no image of it)."""
+    hit = ~topk_errors(result["scores"], result["labels"], 1)
+    return [float(hit[result["labels"] == k].mean()) if (result["labels"] == k).any() else None
+            for k in range(n_classes)]
+
+
+def format_results(results: Sequence[dict], class_names: Sequence[str]) -> str:
+    """The scheme table, then per-class top-1 accuracy, one column per scheme."""
+    lines = [f"{'views':<8} {'images':>6} {'top1_err':>9} {'top5_err':>9} {'s/image':>8}"]
+    for r in results:
+        lines.append(f"{r['scheme']:<8} {len(r['labels']):>6} {r['top1_err']:>9.4f} {r['top5_err']:>9.4f} "
+                     f"{r['s_per_image']:>8.3f}")
+    counts = np.bincount(results[0]["labels"], minlength=len(class_names))
+    width = max(12, max(len(n) for n in class_names))
+    lines += ["", "per-class top-1 accuracy:", f"{'class':<{width}} {'images':>6} "
+              + " ".join(f"{r['scheme']:>7}" for r in results)]
+    accs = [per_class_accuracy(r, len(class_names)) for r in results]
+    for k, name in enumerate(class_names):
+        cells = " ".join(f"{'-':>7}" if a[k] is None else f"{a[k]:>7.3f}" for a in accs)
+        lines.append(f"{name:<{width}} {counts[k]:>6} {cells}")
+    return "\n".join(lines)
+
+
+def write_results(out: Path, results: Sequence[dict], class_names: Sequence[str]) -> None:
+    """predictions_<scheme>.csv (path, true, predicted, its score) and results.json (the figures)."""
+    out.mkdir(parents=True, exist_ok=True)
+    for r in results:
+        with open(out / f"predictions_{r['scheme']}.csv", "w", newline="") as fh:
+            w = csv.writer(fh)
+            w.writerow(["path", "label", "predicted", "score"])
+            for p, y, s in zip(r["paths"], r["labels"], r["scores"]):
+                k = int(np.argmax(s))
+                w.writerow([p, class_names[y], class_names[k], f"{s[k]:.6f}"])
+    atomic_write_json(out / "results.json", [{k: r[k] for k in ("scheme", "top1_err", "top5_err", "s_per_image",
+                                                                 "median_s", "skipped")}
+                                              | {"images": len(r["labels"])} for r in results])

@@ -1,0 +1,58 @@
+#!/usr/bin/env python
+"""Test a trained SPP-net classifier on an image-folder split (DIR/<split>/<class>/*.jpg).
+
+Prints top-1 and top-5 error and seconds per image for the view scheme asked, and per-class
+top-1 accuracy.  The last two lines are `top1_err = 0.xxxx` and `top5_err = 0.xxxx` (with
+`--views all`: of `multi`, the last scheme).  Schemes (docs/design.md, "Classification"):
+center (one 224 view), full (the whole image), 10 (corners + centre with flips, windows on
+one conv map), 10crop (the same views as crops, each through the trunk), multi (6 scales x
+18 views + 2 full-image views), all.
+
+  python tools/test_classifier.py --model data/runs/flowers17/model.safetensors \\
+      --dataset ../shared/datasets/flowers17 --views all
+"""
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from detector.cli import run_tool  # noqa: E402
+from detector.views import SCHEMES  # noqa: E402  (torch-free)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--dataset", required=True, help="image-folder root: DIR/<split>/<class>/*.jpg")
+    ap.add_argument("--split", default="test")
+    ap.add_argument("--views", default="full", choices=list(SCHEMES) + ["all"])
+    ap.add_argument("--out", default=None, help="also write predictions_<scheme>.csv and results.json here")
+    ap.add_argument("--quiet", action="store_true")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+    import detector
+    from detector.classifier_eval import format_results, run_scheme, write_results
+    from detector.datasets.imagefolder import load_image_folder
+
+    clf = detector.load_classifier(args.model)
+    data = load_image_folder(args.dataset, args.split, clf.class_names)
+    schemes = list(SCHEMES) if args.views == "all" else [args.views]
+    results = [run_scheme(clf, data, s, progress=not args.quiet) for s in schemes]
+    skipped = data.skipped + results[0]["skipped"]
+    print(f"{args.dataset}/{args.split}: {len(results[0]['labels'])} images, {len(clf.class_names)} classes"
+          + (f"; skipped {len(skipped)} unreadable: " + ", ".join(p for p, _ in skipped[:5]) if skipped else ""))
+    print(format_results(results, clf.class_names))
+    if args.out:
+        write_results(Path(args.out), results, clf.class_names)
+        print(f"results in {args.out}")
+    last = results[-1]
+    print(f"top1_err = {last['top1_err']:.4f}")
+    print(f"top5_err = {last['top5_err']:.4f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_tool(main))

@@ -1,0 +1,33 @@
+#!/usr/bin/env python
+"""Train an SPP-net image classifier on an image-folder dataset (DIR/train/<class>/*.jpg):
+conv maps cached once, fc layers trained on SPP vectors -> RUN_DIR/model.safetensors.
+Interrupt it and run it again: it resumes from its last epoch.
+
+  python tools/train_classifier.py --dataset ../shared/datasets/flowers17 --out data/runs/flowers17 \\
+      --config configs/flowers17.yaml [--set classifier.input=multisize]
+"""
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from detector.cli import parse_training_args, run_tool  # noqa: E402
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dataset", required=True, help="image-folder root: DIR/train/<class>/*.jpg")
+    ap.add_argument("--out", required=True, help="run directory (model, checkpoint, summary)")
+    ap.add_argument("--cache", default="data/cache", help="conv-map cache root")
+    ap.add_argument("--quiet", action="store_true", help="no progress bars")
+    args, cfg = parse_training_args(ap, argv)
+    from detector.classifier_training import train_classifier
+
+    path = train_classifier(args.dataset, args.out, cfg, args.cache, progress=not args.quiet)
+    print(f"model: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_tool(main))
