@@ -6,7 +6,7 @@ import csv
 import logging
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 from .cache import atomic_write_json
 from .classifier import SPPClassifier
 from .datasets.imagefolder import ImageFolderSplit
+from .distributed import all_gather
 from .errors import DatasetError, ImageError
 
 log = logging.getLogger(__name__)
@@ -25,33 +26,40 @@ def topk_errors(scores: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
     return ~(order == labels[:, None]).any(axis=1)
 
 
-def run_scheme(clf: SPPClassifier, data: ImageFolderSplit, scheme: str, progress: bool = True) -> dict:
+def run_scheme(clf: SPPClassifier, data: ImageFolderSplit, scheme: str, progress: bool = True,
+               mine: Optional[Sequence[int]] = None) -> dict:
     """Scores of every readable image under one scheme; unreadable images are skipped and counted.
-    Time per image is the whole classify() from the file, after one warm-up image."""
-    scores, labels, times, skipped, kept = [], [], [], [], []
-    if len(data):
+    Time per image is the whole classify() from the file, after one warm-up image.  Under
+    torchrun each rank classifies `mine` (its share of the image indices) and every rank gets
+    the gathered result, in the split's order."""
+    mine = list(range(len(data))) if mine is None else list(mine)
+    done, times, skipped = [], [], []
+    if mine:
         try:
-            clf.classify(data.paths[0], views=scheme)  # warm-up: first-call allocations are not the method's
+            clf.classify(data.paths[mine[0]], views=scheme)  # warm-up: first-call allocations are not the method's
         except ImageError:
             pass
-    for path, y in tqdm(list(zip(data.paths, data.labels)), desc=f"views {scheme}", unit="img",
-                        disable=not progress):
+    for i in tqdm(mine, desc=f"views {scheme}", unit="img", disable=not progress):
         t = time.perf_counter()
         try:
-            res = clf.classify(path, views=scheme)
+            res = clf.classify(data.paths[i], views=scheme)
         except ImageError as e:
-            log.warning("skipping %s: %s", path, e)
-            skipped.append((path, str(e)))
+            log.warning("skipping %s: %s", data.paths[i], e)
+            skipped.append((i, str(e)))
             continue
         times.append(time.perf_counter() - t)
-        scores.append(res["scores"])
-        labels.append(y)
-        kept.append(path)
-    if not scores:
+        done.append((i, res["scores"]))
+    parts = all_gather((done, times, skipped))
+    done = sorted(x for part in parts for x in part[0])
+    times = [t for part in parts for t in part[1]]
+    skipped = [(data.paths[i], e) for i, e in sorted(x for part in parts for x in part[2])]
+    if not done:
         raise DatasetError(f"{data.root}/{data.split}: no readable image to test on")
-    S, y = np.stack(scores), np.array(labels, np.int64)
-    return {"scheme": scheme, "scores": S, "labels": y, "paths": kept, "skipped": skipped,
-            "top1_err": float(topk_errors(S, y, 1).mean()), "top5_err": float(topk_errors(S, y, 5).mean()),
+    S = np.stack([sc for _, sc in done])
+    y = np.array([data.labels[i] for i, _ in done], np.int64)
+    return {"scheme": scheme, "scores": S, "labels": y, "paths": [data.paths[i] for i, _ in done],
+            "skipped": skipped, "top1_err": float(topk_errors(S, y, 1).mean()),
+            "top5_err": float(topk_errors(S, y, 5).mean()),
             "s_per_image": float(np.mean(times)), "median_s": float(np.median(times))}
 
 

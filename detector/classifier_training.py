@@ -43,7 +43,8 @@ from .cache import atomic_write_bytes, atomic_write_json, params_digest
 from .classifier import SPPClassifier, classifier_embedder, classifier_extractor, whole_pool5
 from .config import Config
 from .crops import CropCache
-from .datasets.imagefolder import ImageFolderSplit, load_image_folder
+from .distributed import barrier, check_same_config, check_shared_folder, log_shard, shard, world
+from .datasets.imagefolder import ImageFolderSplit, image_pixels, load_image_folder
 from .embedder import WindowEmbedder, norm_scale
 from .errors import DatasetError, ImageError
 from .features import FeatureCache, FeatureExtractor, ScaleFeatures
@@ -201,6 +202,22 @@ def _run_digest(cfg: Config, data: ImageFolderSplit, feature_key: str) -> str:
                           "paths": paths, "labels": data.labels, "features": feature_key})
 
 
+def fill_cache_sharded(samples: Samples, sizes: list[int], progress: bool) -> None:
+    """Under torchrun: each rank computes its share of the conv maps (balanced by pixels) into
+    the shared cache, then all wait; rank 0 then reads every map from the cache.  Unreadable
+    images are left to rank 0, which skips and reports them."""
+    mine = shard([image_pixels(p) for p in samples.paths])
+    log_shard("conv maps", len(mine))
+    for size in sizes:
+        for i in tqdm(mine, desc=f"conv maps {world().rank}/{world().size}, size {size}", unit="img",
+                      disable=not progress):
+            try:
+                samples.maps.get(samples.paths[i], size)
+            except (ImageError, OSError):
+                pass
+    barrier()
+
+
 def _save_checkpoint(path: Path, state: dict) -> None:
     buf = io.BytesIO()
     torch.save(state, buf)
@@ -215,8 +232,10 @@ def _check_classes(samples: Samples, names: list[str], root: str) -> None:
 
 
 def train_classifier(dataset: str, out: str, cfg: Config, cache_root: str = "data/cache",
-                     progress: bool = True) -> Path:
-    """Train on `dataset`/train and write `out`/model.safetensors; resumes from `out`/checkpoint.pt."""
+                     progress: bool = True) -> Optional[Path]:
+    """Train on `dataset`/train and write `out`/model.safetensors; resumes from `out`/checkpoint.pt.
+    Under torchrun the conv maps are split over the ranks; rank 0 trains and returns the model's
+    path, the other ranks return None once their maps are in the cache."""
     t0 = time.time()
     c, run = cfg.classifier, Path(out)
     run.mkdir(parents=True, exist_ok=True)
@@ -232,7 +251,16 @@ def train_classifier(dataset: str, out: str, cfg: Config, cache_root: str = "dat
     unscaled = None if suffix is not None else WindowEmbedder(backbone, embedder.levels, embedder.scale_rule,
                                                                embedder.projection)
     sizes = sorted({epoch_size(cfg, e) for e in range(c.epochs)}, reverse=True)
-    for size in sizes if unscaled is not None or c.size_schedule != "random" else sizes[:1]:
+    sizes = sizes if unscaled is not None or c.size_schedule != "random" else sizes[:1]
+    if world().distributed:
+        # the conv maps are the per-image cost; the fc epochs over cached pool5 take about a
+        # second each, so rank 0 alone trains them and the other ranks are done
+        check_same_config(params_digest({"config": cfg.to_dict(), "paths": samples.paths}))
+        check_shared_folder(Path(cache_root))
+        fill_cache_sharded(samples, sizes, progress)
+        if not world().main:
+            return None
+    for size in sizes:
         collect(samples, size, unscaled, progress)
     _check_classes(samples, data.class_names, dataset)
     trainer = Trainer(cfg, embedder, suffix, samples)

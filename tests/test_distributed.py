@@ -177,3 +177,32 @@ def test_an_unreachable_rendezvous_is_one_error_line_naming_it(tmp_path):
     p = _single("train.py", ["--dataset", "x", "--out", str(tmp_path)], env=env, timeout=60)
     errors = [line for line in p.stderr.splitlines() if line.startswith("error:")]
     assert p.returncode == 2 and len(errors) == 1 and f"127.0.0.1:{port}" in errors[0], p.stderr[-2000:]
+
+
+def test_classification_tools_under_torchrun_match_one_process(tmp_path):
+    """The classifier's conv maps split over two ranks: the same cache bytes, the same model
+    file and the same test figures as one process; each rank logs its share."""
+    from test_classifier import make_folder
+
+    data = make_folder(tmp_path / "data", n_train=4, n_test=2)
+    cfg = str(ROOT / "configs" / "classifier_smoke.yaml")
+    out = {}
+    for name, run in (("one", _single), ("two", _torchrun)):
+        train = run("train_classifier.py", ["--dataset", str(data), "--out", str(tmp_path / name), "--cache",
+                                            str(tmp_path / f"c_{name}"), "--config", cfg, "--quiet"])
+        assert train.returncode == 0, train.stdout[-3000:] + train.stderr[-3000:]
+        test = run("test_classifier.py", ["--model", str(tmp_path / name / "model.safetensors"), "--dataset",
+                                          str(data), "--views", "10", "--quiet"])
+        assert test.returncode == 0, test.stdout[-3000:] + test.stderr[-3000:]
+        out[name] = (train.stdout, test.stdout)
+    one, two = _files(tmp_path / "c_one"), _files(tmp_path / "c_two")
+    assert len(one) >= 12 and one == two
+    model_one, model_two = _files(tmp_path / "one"), _files(tmp_path / "two")
+    for f in (model_one, model_two):
+        f.pop("train_summary.json")  # holds the wall time
+    assert "model.safetensors" in model_one and model_one == model_two
+    assert out["one"][1].splitlines()[-2:] == out["two"][1].splitlines()[-2:]
+    for r in (0, 1):
+        assert re.search(rf"rank {r}/2: conv maps \d+ images", out["two"][0])
+        assert re.search(rf"rank {r}/2: classify \d+ images", out["two"][1])
+    assert out["two"][0].count("model: ") == 1

@@ -10,6 +10,7 @@ one conv map), 10crop (the same views as crops, each through the trunk), multi (
 
   python tools/test_classifier.py --model data/runs/flowers17/model.safetensors \\
       --dataset ../shared/datasets/flowers17 --views all
+  torchrun --nproc-per-node 2 tools/test_classifier.py ...   # the images split over the processes
 """
 import argparse
 import logging
@@ -37,10 +38,18 @@ def main(argv=None) -> int:
     from detector.classifier_eval import format_results, run_scheme, write_results
     from detector.datasets.imagefolder import load_image_folder
 
+    from detector.datasets.imagefolder import image_pixels
+    from detector.distributed import init_from_env, log_shard, shard
+
+    w = init_from_env()
     clf = detector.load_classifier(args.model)
     data = load_image_folder(args.dataset, args.split, clf.class_names)
     schemes = list(SCHEMES) if args.views == "all" else [args.views]
-    results = [run_scheme(clf, data, s, progress=not args.quiet) for s in schemes]
+    mine = shard([image_pixels(p) for p in data.paths])  # all of them in one process
+    log_shard("classify", len(mine))
+    results = [run_scheme(clf, data, s, progress=not args.quiet, mine=mine) for s in schemes]
+    if not w.main:
+        return 0
     skipped = data.skipped + results[0]["skipped"]
     print(f"{args.dataset}/{args.split}: {len(results[0]['labels'])} images, {len(clf.class_names)} classes"
           + (f"; skipped {len(skipped)} unreadable: " + ", ".join(p for p, _ in skipped[:5]) if skipped else ""))

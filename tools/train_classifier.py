@@ -1,10 +1,12 @@
 #!/usr/bin/env python
 """Train an SPP-net image classifier on an image-folder dataset (DIR/train/<class>/*.jpg):
 conv maps cached once, fc layers trained on SPP vectors -> RUN_DIR/model.safetensors.
-Interrupt it and run it again: it resumes from its last epoch.
+Interrupt it and run it again: it resumes from its last epoch.  Under torchrun the conv maps
+are split over the processes (on a shared --cache) and rank 0 trains the fc layers.
 
   python tools/train_classifier.py --dataset ../shared/datasets/flowers17 --out data/runs/flowers17 \\
       --config configs/flowers17.yaml [--set classifier.input=multisize]
+  torchrun --nproc-per-node 2 tools/train_classifier.py --dataset ... --out ... --config ...
 """
 import argparse
 import sys
@@ -23,9 +25,12 @@ def main(argv=None) -> int:
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
     args, cfg = parse_training_args(ap, argv)
     from detector.classifier_training import train_classifier
+    from detector.distributed import init_from_env
 
+    init_from_env()
     path = train_classifier(args.dataset, args.out, cfg, args.cache, progress=not args.quiet)
-    print(f"model: {path}")
+    if path is not None:  # under torchrun: rank 0
+        print(f"model: {path}")
     return 0
 
 
