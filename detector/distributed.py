@@ -155,7 +155,7 @@ def _attempt_store(rank: int, size: int, timeout_s: float) -> dict:
 def all_local_cores():
     """Let this process use every core of its machine for a while (BLAS and torch threads).
 
-    torchrun starts each process with one thread; while rank 0 trains the SVMs and regressors
+    torchrun starts each process with one thread; while rank 0 trains the box regressors
     the other ranks wait at a barrier, so their cores are free for it."""
     if not _world.distributed:
         yield
@@ -221,12 +221,12 @@ def shard(costs: Sequence[float], size: Optional[int] = None, rank: Optional[int
     return np.flatnonzero(owner == rank)
 
 
-def log_shard(stage: str, n: int) -> None:
+def log_shard(stage: str, n: int, unit: str = "images") -> None:
     """One line per rank, always (also with --quiet), so a run shows how it was split."""
     if _world.distributed:
         import sys
 
-        sys.stdout.write(f"{_world}: {stage} {n} images\n")  # one write: ranks' lines do not interleave
+        sys.stdout.write(f"{_world}: {stage} {n} {unit}\n")  # one write: ranks' lines do not interleave
         sys.stdout.flush()
 
 

@@ -264,13 +264,15 @@ def _positives(images: Images, num_classes: int, progress: bool) -> tuple[list[n
 class _Miner:
     """The per-class models, negative caches and counters of one hard-negative mining run."""
 
-    def __init__(self, X_pos: list[np.ndarray], dim: int, cfg: SVMConfig, names: list[str], tol: float):
+    def __init__(self, X_pos: list[np.ndarray], dim: int, cfg: SVMConfig, names: list[str], tol: float,
+                 mine: np.ndarray):
         K = len(X_pos)
         self.X_pos, self.cfg, self.names, self.tol = X_pos, cfg, names, tol
         self.W = np.zeros((dim, K), np.float32)
         self.b = np.full(K, NEVER_FIRES, np.float32)
         self.trained = np.zeros(K, bool)
-        self.active = np.array([len(p) > 0 for p in X_pos])
+        self.chosen = mine  # the classes this call trains
+        self.active = np.array([len(p) > 0 for p in X_pos]) & mine
         self.caches = [_NegativeCache(dim) for _ in range(K)]
         self.retrains = np.zeros(K, np.int64)
         self.unconverged: dict[int, int] = {}
@@ -302,11 +304,13 @@ class _Miner:
     def mine(self, idx: int, img: SVMImage) -> None:
         """One image of the mining pass, all classes at once."""
         cfg = self.cfg
-        z = img.features @ self.W + self.b  # scores under the current models, before this image's retrains
         for k in np.flatnonzero(self.active):
+            # scores under the current model, before this image's retrains; one class at a time so
+            # that a class's numbers do not depend on which other classes this call trains
+            z = img.features @ self.W[:, k] + self.b[k]
             neg = (img.class_iou[:, k] < cfg.neg_iou) & (img.gt_labels != k)
             if self.trained[k]:
-                neg &= z[:, k] > cfg.hard_thresh
+                neg &= z > cfg.hard_thresh
             rows = np.flatnonzero(neg)
             cache = self.caches[k]
             rows = rows[~cache.contains(idx, rows)]
@@ -316,6 +320,7 @@ class _Miner:
 
     def finish(self, k: int) -> dict:
         """The final retrain of class k on its final cache, and its summary row."""
+        k = int(k)
         cfg, cache, name = self.cfg, self.caches[k], self.names[k]
         row = {"class": name, "index": k, "positives": len(self.X_pos[k]), "negatives_kept": cache.n,
                "negatives_added": cache.total_added, "negatives_evicted": cache.total_evicted,
@@ -343,6 +348,7 @@ def train_svms(
     progress: bool = True,
     epochs: int = 1,
     tol: float = 1e-4,
+    classes: Optional[Sequence[int]] = None,
 ) -> tuple[np.ndarray, np.ndarray, list[dict]]:
     """Train one linear SVM per class with hard-negative mining (see the module docstring).
 
@@ -354,6 +360,9 @@ def train_svms(
     skipped).  A class without positives (or negatives) is skipped with a
     warning; its column of W is 0 and its bias NEVER_FIRES. `format_summary(summary)` makes
     the table the training prints.
+    classes: train only these (the classes are independent, so torchrun ranks can share them
+        out and get the same columns as one call for all); the others' columns stay 0 and
+        NEVER_FIRES, and the summary has rows for these only.
     """
     cfg = cfg or SVMConfig()
     if num_classes < 1:
@@ -363,9 +372,11 @@ def train_svms(
         raise ValueError(f"train_svms: {len(names)} class names for {num_classes} classes")
     from sklearn.exceptions import ConvergenceWarning
 
+    mine = np.zeros(num_classes, bool)
+    mine[list(range(num_classes)) if classes is None else list(classes)] = True
     X_pos, dim, num_images = _positives(images, num_classes, progress)
-    m = _Miner(X_pos, dim, cfg, names, tol)
-    for k in np.flatnonzero(~m.active):
+    m = _Miner(X_pos, dim, cfg, names, tol, mine)
+    for k in np.flatnonzero(mine & ~m.active):
         warnings.warn(f"SVM for class '{names[k]}' (index {k}) skipped: no positive (ground-truth) "
                       f"examples; it will never fire", UserWarning, stacklevel=2)
     # Pass 2: one mining pass (per epoch) over the images.
@@ -381,7 +392,7 @@ def train_svms(
         if seen != num_images:
             raise ValueError(f"train_svms: the images gave {num_images} items for positives but {seen} for mining")
     # Once more at the end, every class, on its final cache.
-    summary = [m.finish(k) for k in tqdm(range(num_classes), desc="SVM final retrain", unit="class",
+    summary = [m.finish(k) for k in tqdm(np.flatnonzero(mine), desc="SVM final retrain", unit="class",
                                          disable=not progress)]
     if m.unconverged:
         total = sum(m.unconverged.values())

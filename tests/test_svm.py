@@ -271,3 +271,19 @@ def test_no_duplicates_when_images_are_seen_again(monkeypatch):
     _, _, summary = train_svms(lambda: iter(images), 1, SVMConfig(), progress=False, epochs=2)
     assert summary[0]["negatives_kept"] == 10 and summary[0]["negatives_added"] == 10
     assert solver.calls[-1]["neg"] == list(range(1, 5)) + list(range(101, 107))
+
+
+def test_classes_trained_in_separate_calls_equal_one_call_for_all():
+    """What torchrun ranks do with the classes: each call trains its share, and the columns,
+    biases and summary rows equal those of one call for every class, bit for bit."""
+    images, _, _ = _gaussian_images(3, num_images=20, num_classes=3, negs_per_image=50, sep=4.0)
+    cfg = SVMConfig(retrain_every=40)
+    W, b, summary = train_svms(images, 3, cfg, progress=False)
+    W02, b02, s02 = train_svms(images, 3, cfg, progress=False, classes=[0, 2])
+    W1, b1, s1 = train_svms(images, 3, cfg, progress=False, classes=[1])
+    assert np.array_equal(W02[:, [0, 2]], W[:, [0, 2]]) and np.array_equal(W1[:, 1], W[:, 1])
+    assert np.array_equal(b02[[0, 2]], b[[0, 2]]) and b1[1] == b[1]
+    assert np.all(W02[:, 1] == 0) and b02[1] == NEVER_FIRES  # classes not asked for never fire
+    assert [r["index"] for r in s02] == [0, 2] and [r["index"] for r in s1] == [1]
+    assert [r["retrains"] for r in sorted(s02 + s1, key=lambda r: r["index"])] == [r["retrains"] for r in summary]
+    assert all(r["retrains"] > 1 for r in summary)  # mining retrained mid-pass: the split had work to match

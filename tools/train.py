@@ -7,8 +7,8 @@ fine-tuning -> SVMs -> box regression -> RUN_DIR/model.safetensors.  Stages resu
   torchrun --nnodes N --nproc-per-node K --rdzv-backend c10d --rdzv-endpoint HOST:PORT tools/train.py ...
 
 Under torchrun the per-image stages are split over the processes, fine-tuning runs with
-DistributedDataParallel, and rank 0 trains the SVMs and regressors; --cache and --out must be
-on a file system every node shares (README, "Many machines").
+DistributedDataParallel, the SVM classes are shared out and rank 0 trains the box regressors;
+--cache and --out must be on a file system every node shares (README, "Many machines").
 """
 import argparse
 import sys
