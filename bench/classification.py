@@ -59,9 +59,10 @@ def conv_pixel_ratio(paths, view_scale: int, view: int, max_size: int, divisor: 
     return crops / maps
 
 
-def channels_last_speedup(cfg, paths, repeats: int = 3) -> tuple[float, float]:
+def channels_last_speedup(cfg, paths, repeats: int = 3) -> dict:
     """Median seconds per image of the trunk at the classifier's full-image scale, NCHW and
-    channels-last (same inputs, same thread count)."""
+    channels-last (same inputs, same thread count), for one image per batch (detection,
+    `full`) and for the image with its mirror image in one batch (what `10` and training do)."""
     import numpy as np
     import torch
 
@@ -70,20 +71,25 @@ def channels_last_speedup(cfg, paths, repeats: int = 3) -> tuple[float, float]:
     from detector.images import load_image
 
     backbone = build_backbone(cfg.backbone)
-    out = []
+    out = {}
     for cl in (False, True):
         ex = FeatureExtractor(backbone, [cfg.classifier.full_scale], cfg.features.max_size, "cpu", channels_last=cl)
-        xs = [ex.prepare(load_image(p), ex.factors(*load_image(p).shape[1::-1])[0]) for p in paths]
+        xs = []
+        for p in paths:
+            img = load_image(p)
+            xs.append(ex.prepare(img, ex.factors(img.shape[1], img.shape[0])[0]))
         with torch.inference_mode():
-            ex.run_trunk(xs[0][None])  # warm-up
-            times = []
-            for _ in range(repeats):
-                for x in xs:
-                    t = time.perf_counter()
-                    ex.run_trunk(x[None])
-                    times.append(time.perf_counter() - t)
-        out.append(float(np.median(times)))
-    return out[0], out[1]
+            for batch in (1, 2):
+                inputs = [x[None] if batch == 1 else torch.stack([x, x.flip(-1)]) for x in xs]
+                ex.run_trunk(inputs[0])  # warm-up
+                times = []
+                for _ in range(repeats):
+                    for x in inputs:
+                        t = time.perf_counter()
+                        ex.run_trunk(x)
+                        times.append((time.perf_counter() - t) / batch)
+                out[(cl, batch)] = float(np.median(times))
+    return out
 
 
 def main(argv=None) -> int:
@@ -140,9 +146,11 @@ def main(argv=None) -> int:
         print(f"{mode}: speed_10crop_over_10 = {tcrop / t10:.2f} (conv pixels 10crop/10 = {pix:.2f}); "
               f"|10 - 10crop| top-1 = {d10:.2f} points; multi - center top-1 = {dmc:+.2f} points; "
               f"multi top-1 = {res['multi']['top1_err']:.4f}; one test image = {100 / res['multi']['images']:.2f} points")
-    nchw, cl = channels_last_speedup(cfg, data.paths[::max(1, len(data.paths) // 24)][:24])
-    print(f"trunk at shorter side {c.full_scale}: NCHW {nchw * 1000:.1f} ms, channels-last {cl * 1000:.1f} ms per image "
-          f"(median): channels_last_speedup = {nchw / cl:.2f}")
+    t = channels_last_speedup(cfg, data.paths[::max(1, len(data.paths) // 24)][:24])
+    for batch in (1, 2):
+        print(f"trunk at shorter side {c.full_scale}, {batch} image(s) per batch: NCHW {t[(False, batch)] * 1000:.1f} ms, "
+              f"channels-last {t[(True, batch)] * 1000:.1f} ms per image (median): "
+              f"channels_last_speedup_batch{batch} = {t[(False, batch)] / t[(True, batch)]:.2f}")
     return 0
 
 

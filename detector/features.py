@@ -67,8 +67,8 @@ class FeatureExtractor:
         self.scales = sorted(int(s) for s in scales)
         self.max_size = int(max_size)
         self.device = resolve_device(device)
-        # channels-last inputs: the same maps up to float rounding, ~1.6x faster for Lite0 on a
-        # CPU (BENCHMARKS.md, "Classification"); the classifier uses it, detection not yet
+        # channels-last inputs: the same maps up to float rounding, 1.4-1.7x faster for Lite0 on a
+        # CPU in most runs (BENCHMARKS.md, "Classification"); the classifier uses it, detection not yet
         self.channels_last = bool(channels_last)
         self.backbone.trunk.to(self.device).eval()
         # On a GPU the uint8 image is uploaded once and resized there (torch bilinear); on the
