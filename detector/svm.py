@@ -271,8 +271,7 @@ class _Miner:
         self.W = np.zeros((dim, K), np.float32)
         self.b = np.full(K, NEVER_FIRES, np.float32)
         self.trained = np.zeros(K, bool)
-        self.chosen = mine  # the classes this call trains
-        self.active = np.array([len(p) > 0 for p in X_pos]) & mine
+        self.active = np.array([len(p) > 0 for p in X_pos]) & mine  # mine: the classes this call trains
         self.caches = [_NegativeCache(dim) for _ in range(K)]
         self.retrains = np.zeros(K, np.int64)
         self.unconverged: dict[int, int] = {}
@@ -302,7 +301,7 @@ class _Miner:
                  cache.n)
 
     def mine(self, idx: int, img: SVMImage) -> None:
-        """One image of the mining pass, all classes at once."""
+        """One image of the mining pass, for every class being trained."""
         cfg = self.cfg
         for k in np.flatnonzero(self.active):
             # scores under the current model, before this image's retrains; one class at a time so
