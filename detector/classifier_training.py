@@ -44,10 +44,11 @@ from .classifier import SPPClassifier, classifier_embedder, classifier_extractor
 from .config import Config
 from .crops import CropCache
 from .distributed import barrier, check_same_config, check_shared_folder, log_shard, shard, world
-from .datasets.imagefolder import ImageFolderSplit, image_pixels, load_image_folder
+from .datasets.imagefolder import ImageFolderSplit, load_image_folder
 from .embedder import WindowEmbedder, norm_scale
 from .errors import DatasetError, ImageError
 from .features import FeatureCache, FeatureExtractor, ScaleFeatures
+from .images import image_pixels
 
 log = logging.getLogger(__name__)
 

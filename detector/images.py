@@ -99,6 +99,16 @@ def image_size(path: str | os.PathLike) -> tuple[int, int]:
         raise ImageError(f"{path}: cannot read image ({_without_path(e, path)})") from e
 
 
+def image_pixels(path: str | os.PathLike) -> int:
+    """Width x height from the header; 0 for a file that cannot be read (it is reported where it
+    is decoded).  The cost by which torchrun ranks share images."""
+    try:
+        width, height = image_size(path)
+    except ImageError:
+        return 0
+    return width * height
+
+
 def _without_path(error: Exception, path) -> str:
     """PIL's message without the file name it repeats (ours already starts with it)."""
     text = str(error)

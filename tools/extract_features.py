@@ -14,8 +14,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from detector.cli import run_tool  # noqa: E402
@@ -41,7 +39,7 @@ def main(argv=None) -> int:
 
     cfg = load_config(args.config, args.overrides)
     from detector.distributed import check_shared_folder, init_from_env, log_shard, shard as world_shard
-    from detector.images import ImageError, image_size
+    from detector.images import image_pixels
 
     w = init_from_env()
     shard = parse_shard(args.shard)
@@ -56,14 +54,8 @@ def main(argv=None) -> int:
     if not paths:
         raise DatasetError(f"{args.images}: no image files found (.jpg, .png, ...)")
     if w.distributed:
-        def pixels(p):
-            try:
-                return float(np.prod(image_size(p)))
-            except ImageError:
-                return 0.0  # unreadable: extract_all reports it
-
         paths = sorted(paths)
-        paths = [paths[i] for i in world_shard([pixels(p) for p in paths])]
+        paths = [paths[i] for i in world_shard([image_pixels(p) for p in paths])]
         log_shard("features", len(paths))
         check_shared_folder(Path(args.cache))
     print(f"backbone={cfg.backbone.name} scales={cfg.features.scales} max_size={cfg.features.max_size}")

@@ -38,7 +38,7 @@ def main(argv=None) -> int:
     from detector.classifier_eval import format_results, run_scheme, write_results
     from detector.datasets.imagefolder import load_image_folder
 
-    from detector.datasets.imagefolder import image_pixels
+    from detector.images import image_pixels
     from detector.distributed import init_from_env, log_shard, shard
 
     w = init_from_env()

@@ -79,14 +79,3 @@ def load_image_folder(root: str | os.PathLike, split: str = "train",
         out.labels += [index[c]] * len(usable)
     return out
 
-
-def image_pixels(path: str) -> int:
-    """Width x height from the file's header (nothing decoded); 1 for a file that cannot be read,
-    which then costs little to skip.  The cost by which torchrun ranks share the images."""
-    from PIL import Image
-
-    try:
-        with Image.open(path) as im:
-            return max(1, im.size[0] * im.size[1])
-    except Exception:  # unreadable files are reported where they are decoded
-        return 1
