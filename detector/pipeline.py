@@ -98,7 +98,9 @@ def run_proposals(r: TrainRun) -> dict:
         props = dataset_proposals(r.proposals_file, r.ds.records)
         computed = cached = 0
     else:
-        props = _searched_proposals(r)
+        from .proposals import sharded_proposals
+
+        props = sharded_proposals(r.ds.records, r.cache / "proposals", r.cfg.proposals, progress=r.progress)
         computed, cached = props.computed, props.cached
     empty = 0
     for rec in r.ds:
@@ -112,17 +114,6 @@ def run_proposals(r: TrainRun) -> dict:
         log.warning("%d training images have no proposals; only their ground-truth boxes are used", empty)
     return {"boxes_per_image": float(np.mean([len(v) for v in props.values()])) if props else 0.0,
             "computed": computed, "cached": cached, "file": r.proposals_file}
-
-
-def _searched_proposals(r: TrainRun) -> dict:
-    from .proposals import compute_proposals
-
-    props = compute_proposals([r.ds.records[i] for i in r.my_images("proposals")], r.cache / "proposals",
-                              r.cfg.proposals, progress=r.progress)
-    if world().distributed:  # the other ranks' images, from the shared cache
-        barrier()
-        props = compute_proposals(r.ds.records, r.cache / "proposals", r.cfg.proposals, progress=False)
-    return props
 
 
 def run_features(r: TrainRun) -> dict:

@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from detector.cli import run_tool  # noqa: E402
 from detector.config import add_config_args, load_config  # noqa: E402
-from detector.proposals import compute_proposals  # noqa: E402
+from detector.proposals import sharded_proposals  # noqa: E402
 from detector.proposals import write_proposals_npz  # noqa: E402
 
 
@@ -39,22 +39,17 @@ def main(argv=None) -> int:
 
     cfg = load_config(args.config, args.overrides)
     from detector.datasets import load_dataset
-    from detector.distributed import barrier, check_shared_folder, init_from_env, log_shard, shard
+    from detector.distributed import check_shared_folder, init_from_env
 
     w = init_from_env()
     ds = load_dataset(args.dataset, args.split, cfg.classes, args.image_dir)
     if w.main:
         print(f"{len(ds)} images, proposals: {cfg.proposals}")
     check_shared_folder(Path(args.cache))
-    mine = shard([r.width * r.height for r in ds.records])
-    log_shard("proposals", len(mine))
-    props = compute_proposals([ds.records[i] for i in mine], args.cache, cfg.proposals, workers=args.workers,
+    props = sharded_proposals(ds.records, args.cache, cfg.proposals, workers=args.workers,
                               progress=not args.no_progress and w.main)
-    if w.distributed:
-        barrier()
-        if not w.main:
-            return 1 if props.failed else 0
-        props = compute_proposals(ds.records, args.cache, cfg.proposals, progress=False)  # all, from the cache
+    if not w.main:  # rank 0 reports and exports
+        return 1 if props.failed else 0
     print(props.summary())
     counts = sorted(len(b) for b in props.values())
     if counts:

@@ -228,6 +228,22 @@ def compute_proposals(records_or_image_paths: Iterable, cache_dir: Union[str, os
     return out
 
 
+
+def sharded_proposals(records: Sequence[ImageRecord], cache_dir: Union[str, os.PathLike], cfg,
+                      workers: Optional[int] = None, progress: bool = True) -> ProposalSet:
+    """`compute_proposals` for every record, under torchrun too: each rank searches its share of
+    the images (balanced by pixels, one log line per rank) into the shared cache, then every rank
+    reads all of them back.  In one process it is compute_proposals."""
+    from ..distributed import barrier, log_shard, shard, world
+
+    mine = shard([r.width * r.height for r in records])
+    log_shard("proposals", len(mine))
+    props = compute_proposals([records[i] for i in mine], cache_dir, cfg, workers=workers, progress=progress)
+    if world().distributed:  # the other ranks' images, from the shared cache
+        barrier()
+        props = compute_proposals(records, cache_dir, cfg, workers=workers, progress=False)
+    return props
+
 def _run_pool(todo: list, workers: int, done, bar, cache_dir: Path, worker=None) -> None:
     """Run `todo` in spawned processes.  If a process dies (a crash inside OpenCV, the
     out-of-memory killer), the unfinished images are retried one process each, so only
