@@ -47,7 +47,7 @@ def conv_pixel_ratio(paths, view_scale: int, view: int, max_size: int, divisor: 
     mirror at shorter side view_scale, padded to the trunk's divisor), summed over the images."""
     from PIL import Image
 
-    from detector.projection import resize_factor, resized_size
+    from detector.core.projection import resize_factor, resized_size
 
     crops = maps = 0
     for p in paths:
@@ -66,8 +66,8 @@ def channels_last_speedup(cfg, paths, repeats: int = 3) -> dict:
     import numpy as np
     import torch
 
-    from detector.backbones import build_backbone
-    from detector.features import FeatureExtractor
+    from detector.core.backbones import build_backbone
+    from detector.core.features import FeatureExtractor
     from detector.images import load_image
 
     backbone = build_backbone(cfg.backbone)

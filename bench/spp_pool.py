@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from detector.spp import spatial_pyramid_pool  # noqa: E402
+from detector.core.spp import spatial_pyramid_pool  # noqa: E402
 
 
 def windows(g, H, W, n, max_side):

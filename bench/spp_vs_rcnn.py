@@ -14,7 +14,7 @@ window becomes a pool5 vector differs:
   pyramid, so the vector has the same length as SPP's pool5.
 
 Fair training (for `map_delta`): each arm gets its *own* fc layers, fine-tuned with the
-model's recipe (`detector.finetune.finetune`: same iterations, learning rates, batch, 25%
+model's recipe (`detector.detection.train.finetune.finetune`: same iterations, learning rates, batch, 25%
 foreground, flips) on its own vectors of the same windows, then its own SVMs (the library's
 `train_svms`, norm-20 scales recomputed per arm) on fc7 of those windows.  The windows: the
 first --train-images of --train-split sorted by id, each with its GT boxes and top
@@ -101,7 +101,7 @@ def _sync(device: torch.device) -> None:
 
 def whole_map_spp(fmap: torch.Tensor, levels) -> torch.Tensor:
     """SPP of each whole map of a batch [B, C, h, w] -> [B, C * sum(n*n)], in one roi_pool call per
-    level for the whole batch: the op `detector.spp` uses, with the paper's bins and layout
+    level for the whole batch: the op `detector.core.spp` uses, with the paper's bins and layout
     (`check_whole_map_spp` compares it with `spatial_pyramid_pool`)."""
     B, _, h, w = fmap.shape
     rois = torch.tensor([[b, 0, 0, w - 1, h - 1] for b in range(B)], dtype=fmap.dtype, device=fmap.device)
@@ -109,12 +109,12 @@ def whole_map_spp(fmap: torch.Tensor, levels) -> torch.Tensor:
 
 
 def check_whole_map_spp(fmap: torch.Tensor, levels) -> None:
-    from detector.spp import spatial_pyramid_pool
+    from detector.core.spp import spatial_pyramid_pool
 
     h, w = fmap.shape[2:]
     ref = torch.cat([spatial_pyramid_pool(f, torch.tensor([[0, 0, w - 1, h - 1]]), levels) for f in fmap])
     if not torch.equal(whole_map_spp(fmap, levels), ref):
-        raise AssertionError("batched whole-map SPP differs from detector.spp.spatial_pyramid_pool")
+        raise AssertionError("batched whole-map SPP differs from detector.core.spp.spatial_pyramid_pool")
 
 
 @torch.inference_mode()
@@ -161,7 +161,7 @@ def rcnn_pool5(model, image: np.ndarray, boxes: np.ndarray, batch: int = 16,
         if check and s == 0:
             check_whole_map_spp(fmap, levels)
     if not pooled:  # no windows
-        from detector.spp import spp_length
+        from detector.core.spp import spp_length
 
         pooled = [torch.zeros((0, spp_length(bb.channels, levels)))]
     return torch.cat(pooled), t
@@ -205,10 +205,10 @@ def spp_features(extractor, image: np.ndarray, boxes: np.ndarray, embedder) -> t
 def training_vectors(model, recs, props: dict, n_props: int, batch: int) -> tuple[list, dict]:
     """The training windows of each image (GT + top n_props proposals) and their unscaled pool5,
     float16, per arm and orientation: {"spp"|"rcnn": {False|True: [[M_i, D] per image]}}."""
-    from detector.embedder import WindowEmbedder
-    from detector.finetune import TrainImage, mirror_boxes
+    from detector.core.embedder import WindowEmbedder
+    from detector.detection.train.finetune import TrainImage, mirror_boxes
     from detector.images import load_image
-    from detector.labeling import label_windows
+    from detector.detection.matching import label_windows
 
     K = len(model.class_names)
     e = model.embedder
@@ -232,9 +232,9 @@ def training_vectors(model, recs, props: dict, n_props: int, batch: int) -> tupl
 def train_arm(model, images: list, vecs: dict, name: str):
     """This arm's own fc layers, fine-tuned with the model's recipe on its own vectors; returns a
     WindowEmbedder holding them and the arm's pool5 scale."""
-    from detector.embedder import WindowEmbedder, norm_scale
-    from detector.finetune import finetune
-    from detector.heads import FCHead
+    from detector.core.embedder import WindowEmbedder, norm_scale
+    from detector.detection.train.finetune import finetune
+    from detector.core.heads import FCHead
 
     cfg, e = model.cfg, model.embedder
     sample = torch.cat(vecs[False]).float()
@@ -271,8 +271,8 @@ def svm_rows(embedder, images: list, vecs: list) -> list:
 def train_method_svms(model, rows: list, name: str) -> tuple[np.ndarray, np.ndarray, float]:
     """rows: per image (features, gt_labels, class_iou).  The library's SVM training with the model's
     config; the norm-20 scale is recomputed for these features."""
-    from detector.embedder import norm_scale
-    from detector.svm import SVMImage, format_summary, sample_feature_rows, train_svms
+    from detector.core.embedder import norm_scale
+    from detector.detection.svm import SVMImage, format_summary, sample_feature_rows, train_svms
 
     cfg = model.cfg.svm
     sample = sample_feature_rows(lambda i: rows[i][0], len(rows), cfg.norm_images, cfg.norm_boxes, seed=model.cfg.seed)
@@ -286,7 +286,7 @@ def train_method_svms(model, rows: list, name: str) -> tuple[np.ndarray, np.ndar
 
 def detections(model, boxes: np.ndarray, scores: np.ndarray, image_size: tuple[int, int]) -> dict:
     """The test-time post-processing with the model's settings, without box regression."""
-    from detector.postprocess import finalize_detections, select_detections
+    from detector.detection.postprocess import finalize_detections, select_detections
 
     tc = model.cfg.test
     sel = select_detections(boxes, scores, tc.score_thresh, tc.nms_iou, tc.max_per_image)
@@ -327,11 +327,11 @@ def main(argv=None) -> int:
 
     import detector
     from detector.datasets.records import Dataset
-    from detector.features import FeatureExtractor
+    from detector.core.features import FeatureExtractor
     from detector.images import load_image
     from detector.datasets import load_dataset
-    from detector.inference import score_detections
-    from detector.model import empty_result
+    from detector.detection.evaluate import score_detections
+    from detector.detection.detector import empty_result
     from detector.proposals import compute_proposals, dataset_proposals
 
     if args.threads:

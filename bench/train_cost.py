@@ -2,7 +2,7 @@
 """What training costs: seconds per stage, peak memory, feature-cache size, and how the
 feature and SVM stages grow with the number of training images.
 
-1. The full run: `detector.pipeline.train` on the training split with --config and --set,
+1. The full run: `detector.detection.train.pipeline.train` on the training split with --config and --set,
    into a fresh run directory and a fresh cache (proposals and conv maps), so nothing is
    reused.  Reports the seconds of every stage (RUN_DIR/stages.json; the SVM stage includes
    the pass that writes the SVM and regression rows, shown apart), peak RSS of the training process and of its worker
@@ -48,7 +48,7 @@ def run_child(spec_file: str) -> int:
     import resource
 
     from detector.config import load_config
-    from detector.pipeline import load_training_set, train
+    from detector.detection.train.pipeline import load_training_set, train
 
     spec = json.loads(Path(spec_file).read_text())
     cfg = load_config(spec["config"], spec["overrides"])

@@ -14,21 +14,21 @@ __version__ = "0.1.0"
 
 
 def load(path, device: str = "auto"):
-    """Load a trained detector (see detector.model)."""
-    from .model import load as _load
+    """Load a trained detector (see detector.detection.detector)."""
+    from detector.detection.detector import load as _load
 
     return _load(path, device)
 
 
 def detect(image, model, **kwargs):
     """Detect objects in `image` with `model` (an SPPDetector or a model file path)."""
-    from .model import detect as _detect
+    from detector.detection.detector import detect as _detect
 
     return _detect(image, model, **kwargs)
 
 
 def load_classifier(path, device: str = "auto"):
-    """Load a trained SPP-net classifier (see detector.classifier)."""
-    from .classifier import load_classifier as _load
+    """Load a trained SPP-net classifier (see detector.classification.classifier)."""
+    from detector.classification.classifier import load_classifier as _load
 
     return _load(path, device)

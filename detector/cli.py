@@ -41,7 +41,7 @@ def detect_main(argv=None) -> int:
     import detector
     from detector.errors import InputError
     from detector.proposals import load_proposals
-    from detector.visualize import save_detections
+    from detector.detection.visualize import save_detections
 
     model = detector.load(args.model, device=args.device)
     model.configure_test(args.overrides)
@@ -76,7 +76,7 @@ def parse_training_args(parser: argparse.ArgumentParser, argv=None):
     the run folder keeps a copy)."""
     import logging
 
-    from .config import add_config_args, load_config
+    from detector.config import add_config_args, load_config
 
     add_config_args(parser)
     args = parser.parse_args(argv)
@@ -98,13 +98,13 @@ def run_tool(main, argv=None) -> int:
     weights, model file) prints one line naming the problem and exits with 2, no traceback.
     So does a missing file: the tools' paths come from the user.  Warnings print as one line
     each, without the source line that raised them."""
-    from .errors import InputError
+    from detector.errors import InputError
 
     warnings.formatwarning = _one_line_warning
     try:
         return main(argv)
     except (InputError, FileNotFoundError) as e:
-        from .distributed import world
+        from detector.distributed import world
 
         print(f"error: {world()}: {e}" if world().distributed else f"error: {e}", file=sys.stderr)
         return 2

@@ -19,7 +19,7 @@ from typing import Any, Optional, Union
 
 import yaml
 
-from .errors import ConfigError
+from detector.errors import ConfigError
 
 
 @dataclass
@@ -286,7 +286,7 @@ def config_from_dict(data: dict) -> Config:
     return cfg
 
 
-BACKBONE_NAMES = ("efficientnet_lite0", "zf5", "alexnet", "vgg16", "resnet50")  # detector.backbones.BACKBONES
+BACKBONE_NAMES = ("efficientnet_lite0", "zf5", "alexnet", "vgg16", "resnet50")  # detector.core.backbones.BACKBONES
 
 
 def _check(ok: bool, message: str) -> None:

@@ -29,7 +29,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from .errors import InputError
+from detector.errors import InputError
 
 
 class DistributedError(InputError, RuntimeError):

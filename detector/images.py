@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from .errors import ImageError  # noqa: F401  (re-exported: detector.images.ImageError)
+from detector.errors import ImageError  # noqa: F401  (re-exported: detector.images.ImageError)
 
 
 def _to_uint8_rgb(arr: np.ndarray, name: str) -> np.ndarray:

@@ -17,7 +17,7 @@ def smoke_run(tmp_path_factory):
     taken right after the first training, for tests that need it unchanged."""
     from detector.config import load_config
     from detector.datasets.synthetic import make_synthetic
-    from detector.pipeline import train
+    from detector.detection.train.pipeline import train
 
     tmp = tmp_path_factory.mktemp("smoke")
     data = make_synthetic(tmp / "data", num_train=16, num_test=6, image_size=(160, 120), seed=3)

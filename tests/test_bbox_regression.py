@@ -1,4 +1,4 @@
-"""Bounding-box regression (detector/bbox_regression.py)."""
+"""Bounding-box regression (detector/detection/bbox_regression.py)."""
 from __future__ import annotations
 
 import math
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import scipy.linalg
 
-from detector.bbox_regression import (BBOX_XFORM_CLIP, BoxRegressor, decode, encode, ridge_solve,
+from detector.detection.bbox_regression import (BBOX_XFORM_CLIP, BoxRegressor, decode, encode, ridge_solve,
                                       select_regression_examples, train_box_regressors)
 
 

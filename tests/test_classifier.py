@@ -31,7 +31,7 @@ def make_folder(root: Path, n_train: int = 5, n_test: int = 2, seed: int = 0) ->
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    from detector.classifier_training import train_classifier
+    from detector.classification.training import train_classifier
     from detector.config import load_config
 
     tmp = tmp_path_factory.mktemp("cls")
@@ -43,8 +43,8 @@ def trained(tmp_path_factory):
 def toy_classifier(num_classes: int = 3, **classifier):
     """A classifier on a one-layer trunk with 8x8 stride-8 cells: receptive fields do not
     overlap, so a crop aligned to the stride has exactly the cells of its window."""
-    from detector.backbones import Backbone, geometry_from_layers
-    from detector.classifier import SPPClassifier, classifier_embedder
+    from detector.core.backbones import Backbone, geometry_from_layers
+    from detector.classification.classifier import SPPClassifier, classifier_embedder
     from detector.config import load_config
 
     torch.manual_seed(0)
@@ -87,7 +87,7 @@ def assert_views(boxes, f, corners, W, H):
 
 
 def test_multi_has_96_plus_2_views_at_the_papers_positions():
-    from detector.views import count_views, plan_views, scheme
+    from detector.classification.views import count_views, plan_views, scheme
 
     W, H = 400, 300
     s = scheme("multi", 256, 256, [224, 256, 300, 360, 448, 560])
@@ -106,7 +106,7 @@ def test_multi_has_96_plus_2_views_at_the_papers_positions():
 
 @pytest.mark.parametrize("W,H", [(400, 300), (300, 500), (256, 256)])
 def test_ten_views_are_the_centre_and_corners_with_flips(W, H):
-    from detector.views import plan_views, scheme
+    from detector.classification.views import plan_views, scheme
 
     groups = plan_views(scheme("10", 256, 256, [224]), W, H, 224, 2000)
     f, pts = naive_views(W, H, 256, 224, grid=False)
@@ -117,7 +117,7 @@ def test_ten_views_are_the_centre_and_corners_with_flips(W, H):
 
 
 def test_views_clip_to_an_image_the_size_cap_kept_small():
-    from detector.views import view_boxes
+    from detector.classification.views import view_boxes
 
     # 1200x30 at scale 256 would be 10240 long; max_size 2000 caps it at 2000x50
     b = view_boxes(1200, 30, 256, 224, "grid9", 2000)
@@ -171,11 +171,11 @@ def test_any_size_in_fixed_length_out():
             r = clf.classify(img, views=scheme)
             assert r["scores"].shape == (3,) and r["scores"].dtype == np.float32
             assert abs(float(r["scores"].sum()) - 1) < 1e-5
-    from detector.features import FeatureExtractor
+    from detector.core.features import FeatureExtractor
 
     for h, w in [(10, 10), (40, 900)]:
         sf = FeatureExtractor(clf.backbone, [256], 2000, "cpu")(rgb(h, w))
-        from detector.classifier import whole_pool5
+        from detector.classification.classifier import whole_pool5
 
         assert whole_pool5(clf.embedder, sf[0]).shape == (1, 4 * 50)
 
@@ -201,7 +201,7 @@ def test_training_writes_a_model_that_classifies_and_reproduces(trained, tmp_pat
     import json
 
     import detector
-    from detector.classifier_training import train_classifier
+    from detector.classification.training import train_classifier
     from detector.config import load_config
 
     tmp, data, path = trained
@@ -219,7 +219,7 @@ def test_training_writes_a_model_that_classifies_and_reproduces(trained, tmp_pat
 
 
 def test_an_interrupted_training_resumes_to_the_same_model(trained, tmp_path, monkeypatch):
-    import detector.classifier_training as ct
+    import detector.classification.training as ct
     from detector.config import load_config
 
     tmp, data, path = trained
@@ -248,7 +248,7 @@ def test_an_interrupted_training_resumes_to_the_same_model(trained, tmp_path, mo
 def test_other_input_modes_train(trained, tmp_path, items, per_image):
     import json
 
-    import detector.classifier_training as ct
+    import detector.classification.training as ct
     from detector.config import load_config
 
     tmp, data, _ = trained
@@ -267,7 +267,7 @@ def test_other_input_modes_train(trained, tmp_path, items, per_image):
 
 
 def test_random_multisize_draws_each_epochs_size_in_the_range():
-    from detector.classifier_training import epoch_size
+    from detector.classification.training import epoch_size
     from detector.config import load_config
 
     cfg = load_config(SMOKE, ["classifier.size_schedule=random", "classifier.sizes=[48, 64]"])
@@ -278,8 +278,8 @@ def test_random_multisize_draws_each_epochs_size_in_the_range():
 
 def test_fine_tuning_the_last_block_changes_only_that_block(trained, tmp_path):
     import detector
-    from detector.backbones import build_backbone
-    from detector.classifier_training import train_classifier
+    from detector.core.backbones import build_backbone
+    from detector.classification.training import train_classifier
     from detector.config import load_config
 
     tmp, data, _ = trained
@@ -403,7 +403,7 @@ def test_a_tiny_image_classifies_with_full_and_every_other_scheme(trained, tmp_p
 def test_bad_input_is_one_error_line_naming_it(trained, tmp_path, capsys, case):
     import shutil
 
-    from detector.model_file import write_model_file
+    from detector.core.model_file import write_model_file
 
     tmp, data, path = trained
     d = tmp_path / "d"

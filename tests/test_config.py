@@ -131,7 +131,7 @@ def test_cross_field_rules_are_config_errors(items, msg):
 
 
 def test_config_knows_every_backbone():
-    from detector.backbones import BACKBONES
+    from detector.core.backbones import BACKBONES
     from detector.config import BACKBONE_NAMES
 
     assert tuple(BACKBONES) == BACKBONE_NAMES

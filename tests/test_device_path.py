@@ -38,7 +38,7 @@ def test_device_path_agrees_with_the_host_path(model_and_image):
 
 @pytest.mark.parametrize("device_path", [False, True])
 def test_windows_in_chunks_give_the_same_detections(model_and_image, monkeypatch, device_path):
-    import detector.model as model_mod
+    import detector.detection.detector as model_mod
 
     model, img, props = model_and_image
     model.use_device_path(device_path)
@@ -52,7 +52,7 @@ def test_windows_in_chunks_give_the_same_detections(model_and_image, monkeypatch
 
 
 def test_many_proposals_are_scored_in_bounded_chunks(model_and_image, monkeypatch):
-    import detector.model as model_mod
+    import detector.detection.detector as model_mod
 
     model, img, _ = model_and_image
     H, W = img.shape[:2]
@@ -68,8 +68,8 @@ def test_many_proposals_are_scored_in_bounded_chunks(model_and_image, monkeypatc
 
 
 def test_resize_on_the_device_matches_opencv_within_a_grey_level(smoke_run):
-    from detector.backbones import efficientnet_lite0
-    from detector.features import FeatureExtractor
+    from detector.core.backbones import efficientnet_lite0
+    from detector.core.features import FeatureExtractor
 
     bb = efficientnet_lite0()
     img = np.random.default_rng(1).integers(0, 256, (120, 170, 3), dtype=np.uint8)
@@ -88,12 +88,12 @@ def test_stacked_maps_pool_a_batch_exactly_like_image_by_image():
     several images, both orientations, two scales) equals pooling each image's own maps."""
     import warnings
 
-    from detector.backbones import zf5
-    from detector.embedder import WindowEmbedder
-    from detector.features import FeatureExtractor
-    from detector.finetune import TrainImage, pool_pairs, stacked_pooler
-    from detector.labeling import label_windows
-    from detector.pooling import StackedMaps
+    from detector.core.backbones import zf5
+    from detector.core.embedder import WindowEmbedder
+    from detector.core.features import FeatureExtractor
+    from detector.detection.train.finetune import TrainImage, pool_pairs, stacked_pooler
+    from detector.detection.matching import label_windows
+    from detector.core.pooling import StackedMaps
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

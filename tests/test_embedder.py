@@ -5,12 +5,12 @@ import numpy as np
 import pytest
 import torch
 
-from detector.backbones import zf5
-from detector.embedder import WindowEmbedder, norm_scale
-from detector.features import FeatureExtractor
-from detector.heads import FCHead
-from detector.projection import project_boxes
-from detector.spp import spatial_pyramid_pool
+from detector.core.backbones import zf5
+from detector.core.embedder import WindowEmbedder, norm_scale
+from detector.core.features import FeatureExtractor
+from detector.core.heads import FCHead
+from detector.core.projection import project_boxes
+from detector.core.spp import spatial_pyramid_pool
 
 
 @pytest.fixture(scope="module")

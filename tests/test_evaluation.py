@@ -1,4 +1,4 @@
-"""Tests of detector.evaluation and detector.result_files against independent references:
+"""Tests of detector.metrics.voc and detector.metrics.result_files against independent references:
 hand-computed APs, a loop-by-loop port of the devkit's VOCevaldet.m / VOCap.m, torchvision's
 IoU, and pycocotools."""
 from __future__ import annotations
@@ -10,10 +10,10 @@ import pytest
 import torch
 from torchvision.ops import box_iou
 
-from detector.evaluation import (
+from detector.metrics.voc import (
     COCO_STAT_NAMES, calc_detection_voc_ap, calc_detection_voc_prec_rec, coco_gt_from_arrays,
     detection_counts, eval_coco, eval_detection_voc, format_ap_table, from_devkit_boxes, to_devkit_boxes)
-from detector.result_files import (
+from detector.metrics.result_files import (
     coco_results_from_arrays, read_coco_results, read_voc_results, voc_results_path, write_coco_results,
     write_voc_results)
 

@@ -5,8 +5,8 @@ import pytest
 import torch
 from PIL import Image
 
-from detector.backbones import efficientnet_lite0
-from detector.features import FeatureCache, FeatureExtractor, extract_all, list_images, parse_shard
+from detector.core.backbones import efficientnet_lite0
+from detector.core.features import FeatureCache, FeatureExtractor, extract_all, list_images, parse_shard
 from detector.errors import InputError
 from detector.images import ImageError, load_image
 

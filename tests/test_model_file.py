@@ -161,7 +161,7 @@ def test_each_kind_of_damage_names_the_file_and_the_problem(pristine_model, tmp_
 
 def test_same_training_twice_gives_the_same_file_bytes(smoke_run, tmp_path):
     from detector.config import load_config
-    from detector.pipeline import train
+    from detector.detection.train.pipeline import train
 
     tmp, data, _ = smoke_run
     cfg = load_config(ROOT / "configs" / "smoke.yaml")
@@ -179,8 +179,8 @@ def test_written_files_follow_the_umask(smoke_run, tmp_path):
     """Models, caches, result files and pictures: 0644 under umask 022 (mkstemp alone gives 0600)."""
     import detector
     from detector.cache import atomic_save_npz, atomic_write_json
-    from detector.result_files import write_voc_results
-    from detector.visualize import save_detections
+    from detector.metrics.result_files import write_voc_results
+    from detector.detection.visualize import save_detections
 
     tmp, data, model_path = smoke_run
     old = os.umask(0o022)

@@ -1,10 +1,10 @@
-"""Test-time post-processing (detector/postprocess.py) against a naive reference."""
+"""Test-time post-processing (detector/detection/postprocess.py) against a naive reference."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from detector.postprocess import finalize_detections, postprocess, select_detections
+from detector.detection.postprocess import finalize_detections, postprocess, select_detections
 
 
 def _iou(a, b):
@@ -147,7 +147,7 @@ def test_second_nms_runs_on_the_refined_boxes():
 
 
 def test_precomputed_deltas_and_the_split_api_agree():
-    from detector.bbox_regression import decode
+    from detector.detection.bbox_regression import decode
 
     boxes, scores, shift = _scene(3)
     deltas = shift * 0.02

@@ -27,7 +27,7 @@ def exported(smoke_run, tmp_path_factory):
 
 def test_training_from_an_exported_file_gives_the_same_model_bytes(smoke_run, pristine_model, exported, tmp_path):
     from detector.config import load_config
-    from detector.pipeline import train
+    from detector.detection.train.pipeline import train
 
     tmp, data, _ = smoke_run
     path = train(str(data), str(tmp_path / "run"), load_config(SMOKE), cache_root=str(tmp / "cache"), progress=False,

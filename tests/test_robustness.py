@@ -38,7 +38,7 @@ def test_output_paths_mirror_the_inputs_below_their_common_folder(tmp_path):
 
 
 def test_per_class_thresholds_from_a_number_a_list_or_a_mapping():
-    from detector.postprocess import class_thresholds
+    from detector.detection.postprocess import class_thresholds
 
     names = ["cat", "dog", "eel"]
     assert class_thresholds(0.5, names).tolist() == [0.5] * 3
@@ -72,7 +72,7 @@ def test_a_threshold_mapping_reaches_detect_and_the_tools(smoke_run, tmp_path, c
 
 
 def test_tags_stay_inside_the_image():
-    from detector.visualize import tag_position
+    from detector.detection.visualize import tag_position
 
     assert tag_position(50, 40, 30, 11, 200, 100) == (50, 29)  # above the box when it fits
     assert tag_position(50, 5, 30, 11, 200, 100) == (50, 5)  # else inside its top edge
@@ -96,7 +96,7 @@ def test_warnings_print_as_one_line_in_the_tools():
 
 
 def test_messages_name_the_problem_once(tmp_path, caplog):
-    from detector.features import extract_all
+    from detector.core.features import extract_all
     from detector.images import ImageError, load_image
 
     with pytest.raises(ImageError, match="is a folder, not an image file"):

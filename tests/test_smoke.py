@@ -27,7 +27,7 @@ def test_train_writes_model_and_stage_records(trained):
 
 def test_rerun_resumes_finished_stages(trained, capsys):
     from detector.config import load_config
-    from detector.pipeline import train
+    from detector.detection.train.pipeline import train
 
     tmp, data, _ = trained
     before = json.loads((tmp / "run" / "stages.json").read_text())
@@ -47,7 +47,7 @@ def test_rerun_resumes_finished_stages(trained, capsys):
 
 def test_rerun_with_irrelevant_settings_redoes_nothing_and_bbox_lam_only_box_regression(trained, capsys):
     from detector.config import load_config
-    from detector.pipeline import train
+    from detector.detection.train.pipeline import train
 
     tmp, data, _ = trained
     smoke = ROOT / "configs" / "smoke.yaml"
@@ -73,8 +73,8 @@ def test_rerun_with_irrelevant_settings_redoes_nothing_and_bbox_lam_only_box_reg
 def test_interrupted_svm_feature_pass_resumes_per_image(trained, monkeypatch):
     import shutil
 
-    import detector.pipeline as pipeline
-    import detector.svm_rows as svm_rows
+    import detector.detection.train.pipeline as pipeline
+    import detector.detection.train.rows as svm_rows
     from detector.config import load_config
 
     tmp, data, _ = trained
@@ -196,7 +196,7 @@ def test_test_voc_prints_map_and_writes_files(trained, capsys):
 
 def test_model_file_errors(trained, tmp_path):
     import detector
-    from detector.model import ModelFormatError
+    from detector.detection.detector import ModelFormatError
     from safetensors.torch import load_file, save_file
 
     _, _, model_path = trained
@@ -218,8 +218,8 @@ def test_model_file_errors(trained, tmp_path):
 def test_train_tool_imports_the_stage_list_without_torch():
     import subprocess
 
-    from detector.pipeline import PIPELINE
-    from detector.stages import STAGES
+    from detector.detection.train.pipeline import PIPELINE
+    from detector.detection.train.stages import STAGES
     from tools import train as train_tool
 
     assert train_tool.STAGES is STAGES and [s.name for s in PIPELINE] == list(STAGES)

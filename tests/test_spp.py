@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from detector.spp import SpatialPyramidPooling, spatial_pyramid_pool, spp_length
+from detector.core.spp import SpatialPyramidPooling, spatial_pyramid_pool, spp_length
 
 LEVELS = (1, 2, 3, 6)
 

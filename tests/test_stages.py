@@ -4,7 +4,7 @@ import dataclasses
 import pytest
 
 from detector.config import load_config
-from detector.stages import IRRELEVANT, STAGES, stage_digests
+from detector.detection.train.stages import IRRELEVANT, STAGES, stage_digests
 
 
 def digests(*overrides):

@@ -1,4 +1,4 @@
-"""Per-class SVMs with hard-negative mining (detector/svm.py, R-CNN's rules as SPP-net used them)."""
+"""Per-class SVMs with hard-negative mining (detector/detection/svm.py, R-CNN's rules as SPP-net used them)."""
 from __future__ import annotations
 
 import warnings
@@ -8,9 +8,9 @@ import pytest
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.svm import LinearSVC
 
-import detector.svm as svm_mod
+import detector.detection.svm as svm_mod
 from detector.config import SVMConfig
-from detector.svm import (NEVER_FIRES, SVMImage, sample_feature_rows, svm_scores,
+from detector.detection.svm import (NEVER_FIRES, SVMImage, sample_feature_rows, svm_scores,
                           train_svms)
 
 D = 64

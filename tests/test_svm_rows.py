@@ -2,8 +2,8 @@
 same rows held in memory."""
 import numpy as np
 
-from detector.bbox_regression import train_box_regressors
-from detector.svm_rows import RowStore, regression_examples
+from detector.detection.bbox_regression import train_box_regressors
+from detector.detection.train.rows import RowStore, regression_examples
 
 
 def test_regression_from_stored_rows_equals_in_memory_arrays(tmp_path):

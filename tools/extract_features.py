@@ -17,10 +17,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from detector.cli import run_tool  # noqa: E402
-from detector.backbones import build_backbone  # noqa: E402
+from detector.core.backbones import build_backbone  # noqa: E402
 from detector.config import add_config_args, load_config  # noqa: E402
 from detector.errors import DatasetError, InputError  # noqa: E402
-from detector.features import FeatureCache, FeatureExtractor, extract_all, list_images, parse_shard  # noqa: E402
+from detector.core.features import FeatureCache, FeatureExtractor, extract_all, list_images, parse_shard  # noqa: E402
 
 
 def main(argv=None) -> int:

@@ -20,7 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from detector.cli import run_tool  # noqa: E402
-from detector.views import SCHEMES  # noqa: E402  (torch-free)
+from detector.classification.views import SCHEMES  # noqa: E402  (torch-free)
 
 
 def main(argv=None) -> int:
@@ -35,7 +35,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
     import detector
-    from detector.classifier_eval import format_results, run_scheme, write_results
+    from detector.classification.evaluate import format_results, run_scheme, write_results
     from detector.datasets.imagefolder import load_image_folder
 
     from detector.images import image_pixels

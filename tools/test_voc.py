@@ -45,11 +45,11 @@ def main(argv=None) -> int:
     import detector
     from detector.distributed import init_from_env
     from detector.datasets import load_dataset
-    from detector.evaluation import coco_gt_from_arrays, detection_counts, eval_coco, format_ap_table
-    from detector.inference import detect_dataset, score_detections
+    from detector.metrics.voc import coco_gt_from_arrays, detection_counts, eval_coco, format_ap_table
+    from detector.detection.evaluate import detect_dataset, score_detections
     from detector.proposals import dataset_proposals
-    from detector.result_files import write_coco_results, write_voc_results
-    from detector.visualize import save_detections
+    from detector.metrics.result_files import write_coco_results, write_voc_results
+    from detector.detection.visualize import save_detections
 
     w = init_from_env()
     model = detector.load(args.model, device=args.device)

@@ -17,7 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from detector.cli import parse_training_args, run_tool  # noqa: E402
-from detector.stages import STAGES  # noqa: E402  (torch-free)
+from detector.detection.train.stages import STAGES  # noqa: E402  (torch-free)
 
 
 def main(argv=None) -> int:
@@ -36,7 +36,7 @@ def main(argv=None) -> int:
     args, cfg = parse_training_args(ap, argv)
     # imported here: spawned proposal workers re-import this script and need not load torch
     from detector.distributed import init_from_env
-    from detector.pipeline import train
+    from detector.detection.train.pipeline import train
 
     init_from_env()
     path = train(args.dataset, args.out, cfg, args.train_split, args.cache, progress=not args.quiet,

@@ -24,7 +24,7 @@ def main(argv=None) -> int:
     ap.add_argument("--cache", default="data/cache", help="conv-map cache root")
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
     args, cfg = parse_training_args(ap, argv)
-    from detector.classifier_training import train_classifier
+    from detector.classification.training import train_classifier
     from detector.distributed import init_from_env
 
     init_from_env()

@@ -4,13 +4,13 @@ aspect, SPP of a window (the whole image or a view), fc layers, softmax.
     clf = detector.load_classifier("data/runs/flowers/model.safetensors")
     clf.classify("image.jpg", views="full")   # dict(scores, label, label_name, top5)
 
-A view is a window on the conv map of the image at one scale (detector.views); the
+A view is a window on the conv map of the image at one scale (detector.classification.views); the
 `10crop` scheme instead cuts each view out of the image and runs it through the trunk
 on its own (the baseline).  Softmax scores are averaged over a scheme's views.  The
 conv maps of a scheme are computed once per (scale, flip) and every view on them is
 pooled from them: never once per view.
 
-File format (detector.model_file, kind "sppnet-classifier"): the trunk (fine-tuned
+File format (detector.core.model_file, kind "sppnet-classifier"): the trunk (fine-tuned
 blocks included), the fc layers and the pool5 scale, with the config and class names.
 """
 from __future__ import annotations
@@ -21,17 +21,17 @@ from typing import Sequence, Union
 import numpy as np
 import torch
 
-from .backbones import Backbone, build_backbone
-from .config import Config
-from .crops import crop_maps, cut_crops, resized_image
-from .embedder import WindowEmbedder
-from .features import FeatureExtractor, ScaleFeatures
-from .heads import FCHead
-from .images import load_image
-from .model_file import (check_tensors, expected_state, load_module, load_trunk, model_meta, module_tensors,
+from detector.core.backbones import Backbone, build_backbone
+from detector.config import Config
+from detector.classification.crops import crop_maps, cut_crops, resized_image
+from detector.core.embedder import WindowEmbedder
+from detector.core.features import FeatureExtractor, ScaleFeatures
+from detector.core.heads import FCHead
+from detector.images import load_image
+from detector.core.model_file import (check_tensors, expected_state, load_module, load_trunk, model_meta, module_tensors,
                          positive_scalar, read_model, write_model_file)
-from .timing import NO_TIMER, StageTimer
-from .views import SCHEMES, ViewGroup, count_views, full_box, plan_views, scheme
+from detector.timing import NO_TIMER, StageTimer
+from detector.classification.views import SCHEMES, ViewGroup, count_views, full_box, plan_views, scheme
 
 FORMAT = "sppnet-classifier"
 FORMAT_VERSION = 1
@@ -119,7 +119,7 @@ class SPPClassifier:
         """Classify one image, of any size and aspect ratio.
 
         image: a path, a PIL image, or an HxWx3 uint8 array in **RGB** order.
-        views: center | full | 10 | 10crop | multi (detector.views.scheme).
+        views: center | full | 10 | 10crop | multi (detector.classification.views.scheme).
         Returns dict(scores float32 [K]: softmax averaged over the views, label int,
         label_name str, top5 list of (name, score), best first).
         """

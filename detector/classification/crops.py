@@ -1,6 +1,6 @@
 """Crops run through the trunk on their own: the 10-crop test baseline and the training crops.
 
-A crop is a view box (detector.views: original-image pixels, corners on integer pixels
+A crop is a view box (detector.classification.views: original-image pixels, corners on integer pixels
 of the resized image) cut from the image resized to its scale, or from the mirror image's
 resize for a flipped view, optionally resized again to `out_size` (multi-size training,
 paper section 3.1.3: "we resize the aforementioned 224x224 region to 180x180", so the
@@ -20,11 +20,11 @@ import cv2
 import numpy as np
 import torch
 
-from .cache import atomic_save_npz, load_npz
-from .features import FeatureCache, FeatureExtractor, ScaleFeatures
-from .images import load_image
-from .projection import resize_factor, resized_size
-from .views import view_boxes
+from detector.cache import atomic_save_npz, load_npz
+from detector.core.features import FeatureCache, FeatureExtractor, ScaleFeatures
+from detector.images import load_image
+from detector.core.projection import resize_factor, resized_size
+from detector.classification.views import view_boxes
 
 CROP_VERSION = 1  # bump when cutting or resizing crops changes
 

@@ -11,11 +11,11 @@ from typing import Optional, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
-from .cache import atomic_write_json
-from .classifier import SPPClassifier
-from .datasets.imagefolder import ImageFolderSplit
-from .distributed import all_gather
-from .errors import DatasetError, ImageError
+from detector.cache import atomic_write_json
+from detector.classification.classifier import SPPClassifier
+from detector.datasets.imagefolder import ImageFolderSplit
+from detector.distributed import all_gather
+from detector.errors import DatasetError, ImageError
 
 log = logging.getLogger(__name__)
 

@@ -38,17 +38,17 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .backbones import build_backbone, split_trunk
-from .cache import atomic_write_bytes, atomic_write_json, params_digest
-from .classifier import SPPClassifier, classifier_embedder, classifier_extractor, whole_pool5
-from .config import Config
-from .crops import CropCache
-from .distributed import barrier, check_same_config, check_shared_folder, log_shard, shard, world
-from .datasets.imagefolder import ImageFolderSplit, load_image_folder
-from .embedder import WindowEmbedder, norm_scale
-from .errors import DatasetError, ImageError
-from .features import FeatureCache, FeatureExtractor, ScaleFeatures
-from .images import image_pixels
+from detector.core.backbones import build_backbone, split_trunk
+from detector.cache import atomic_write_bytes, atomic_write_json, params_digest
+from detector.classification.classifier import SPPClassifier, classifier_embedder, classifier_extractor, whole_pool5
+from detector.config import Config
+from detector.classification.crops import CropCache
+from detector.distributed import barrier, check_same_config, check_shared_folder, log_shard, shard, world
+from detector.datasets.imagefolder import ImageFolderSplit, load_image_folder
+from detector.core.embedder import WindowEmbedder, norm_scale
+from detector.errors import DatasetError, ImageError
+from detector.core.features import FeatureCache, FeatureExtractor, ScaleFeatures
+from detector.images import image_pixels
 
 log = logging.getLogger(__name__)
 

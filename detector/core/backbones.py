@@ -33,8 +33,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .cache import file_digest
-from .errors import ConfigError, WeightsError
+from detector.cache import file_digest
+from detector.errors import ConfigError, WeightsError
 
 
 @dataclass

@@ -22,11 +22,11 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from .backbones import Backbone
-from .features import ScaleFeatures
-from .heads import FCHead
-from .pooling import pool_windows, project_to_windows
-from .spp import spp_length
+from detector.core.backbones import Backbone
+from detector.core.features import ScaleFeatures
+from detector.core.heads import FCHead
+from detector.core.pooling import pool_windows, project_to_windows
+from detector.core.spp import spp_length
 
 
 def norm_scale(sample, target: float = 20.0, what: str = "features") -> float:

@@ -24,12 +24,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .backbones import Backbone
-from .cache import atomic_save_npz, atomic_write_json, file_digest, load_npz, params_digest
-from .errors import DeviceError, InputError
-from .images import load_image
-from .projection import resize_factor, resized_size
-from .timing import NO_TIMER, StageTimer
+from detector.core.backbones import Backbone
+from detector.cache import atomic_save_npz, atomic_write_json, file_digest, load_npz, params_digest
+from detector.errors import DeviceError, InputError
+from detector.images import load_image
+from detector.core.projection import resize_factor, resized_size
+from detector.timing import NO_TIMER, StageTimer
 
 PREPROCESS_VERSION = 1  # bump when resizing / normalisation / padding change
 MIN_INPUT = 64  # every trunk here accepts a 64x64 input; smaller resized images are padded up to it
@@ -293,9 +293,9 @@ def extract_all(paths: Sequence[str], cache: FeatureCache, shard: tuple[int, int
 
     from tqdm import tqdm
 
-    from .images import ImageError
+    from detector.images import ImageError
 
-    log = logging.getLogger("detector.features")
+    log = logging.getLogger("detector.core.features")
     i, n = shard
     mine = sorted(paths)[i::n]
     stats = {"images": len(mine), "computed": 0, "cached": 0, "failed": []}

@@ -20,9 +20,9 @@ from typing import Any, Mapping, Union
 
 import torch
 
-from .cache import atomic_write_bytes
-from .config import Config, ConfigError, config_from_dict
-from .errors import ModelFormatError
+from detector.cache import atomic_write_bytes
+from detector.config import Config, ConfigError, config_from_dict
+from detector.errors import ModelFormatError
 
 KINDS = {"sppnet-detector": "a detector (tools/test_voc.py, tools/detect.py, detector.load)",
          "sppnet-classifier": "a classifier (tools/test_classifier.py, detector.load_classifier)"}

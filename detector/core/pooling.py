@@ -2,7 +2,7 @@
 
 This joins `projection` (paper appendix A, section 4.1) and `spp` (section
 2.2) for one image whose conv features are already computed at one or more
-scales.  `detector.embedder.WindowEmbedder` is the interface the rest of the
+scales.  `detector.core.embedder.WindowEmbedder` is the interface the rest of the
 library uses; these are its two steps.
 """
 from __future__ import annotations
@@ -12,10 +12,10 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from .backbones import Backbone
-from .features import ScaleFeatures
-from .projection import check_boxes, choose_scales, project_boxes
-from .spp import DEFAULT_LEVELS, spatial_pyramid_pool, spp_length
+from detector.core.backbones import Backbone
+from detector.core.features import ScaleFeatures
+from detector.core.projection import check_boxes, choose_scales, project_boxes
+from detector.core.spp import DEFAULT_LEVELS, spatial_pyramid_pool, spp_length
 
 
 def project_to_windows(scale_feats: Sequence[ScaleFeatures], boxes: np.ndarray, backbone: Backbone,

@@ -24,7 +24,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from .errors import ProposalsError
+from detector.errors import ProposalsError
 
 
 def check_boxes(boxes: np.ndarray, width: int, height: int, name: str = "boxes") -> np.ndarray:

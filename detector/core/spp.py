@@ -46,7 +46,7 @@ def _check_windows(windows: torch.Tensor, height: int, width: int) -> torch.Tens
         raise ValueError(f"windows must be an [N, 4] tensor of x1, y1, x2, y2 cells, got shape {tuple(windows.shape)}")
     if windows.dtype.is_floating_point:
         if not torch.equal(windows, windows.round()):
-            raise ValueError("windows must hold integer feature-cell coordinates (see detector.projection)")
+            raise ValueError("windows must hold integer feature-cell coordinates (see detector.core.projection)")
     if len(windows) == 0:
         return windows.long()
     w = windows.long()

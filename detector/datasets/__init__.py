@@ -2,7 +2,7 @@
 
 `load_dataset` is the one entry point the detection tools use: it takes either layout.
 Classification reads image folders (`imagefolder.load_image_folder`; not imported here,
-since it needs torch through detector.features).
+since it needs torch through detector.core.features).
 """
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ import os
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .coco import COCODataset, load_coco, voc_to_coco_dict
-from .records import Dataset, ImageRecord
-from .validate import DatasetError, DatasetWarning, validate_dataset
-from .voc import VOCDataset, load_voc, read_voc_classes
+from detector.datasets.coco import COCODataset, load_coco, voc_to_coco_dict
+from detector.datasets.records import Dataset, ImageRecord
+from detector.datasets.validate import DatasetError, DatasetWarning, validate_dataset
+from detector.datasets.voc import VOCDataset, load_voc, read_voc_classes
 
 __all__ = ["load_dataset", "Dataset", "ImageRecord", "load_voc", "read_voc_classes", "VOCDataset", "load_coco",
            "voc_to_coco_dict", "COCODataset", "DatasetError", "DatasetWarning", "validate_dataset", "make_synthetic"]
@@ -34,7 +34,7 @@ def load_dataset(path: str | os.PathLike, split: str = "trainval", class_names: 
 def __getattr__(name):
     # The generator pulls in OpenCV; load it only when asked for.
     if name == "make_synthetic":
-        from .synthetic import make_synthetic
+        from detector.datasets.synthetic import make_synthetic
 
         return make_synthetic
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -26,9 +26,9 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from ..images import ImageError, image_size
-from .records import Dataset, ImageRecord
-from .validate import DatasetError, LoadReport
+from detector.images import ImageError, image_size
+from detector.datasets.records import Dataset, ImageRecord
+from detector.datasets.validate import DatasetError, LoadReport
 
 
 @dataclass

@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
-from ..errors import DatasetError
-from ..features import list_images
+from detector.errors import DatasetError
+from detector.core.features import list_images
 
 log = logging.getLogger(__name__)
 

@@ -37,8 +37,8 @@ from typing import Sequence
 import cv2
 import numpy as np
 
-from ..cache import atomic_write_json
-from .validate import DatasetError
+from detector.cache import atomic_write_json
+from detector.datasets.validate import DatasetError
 
 GENERATOR_VERSION = 1
 PARAMS_FILE = "synthetic.json"

@@ -23,8 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from .records import Dataset
-from ..errors import DatasetError  # noqa: F401  (re-exported)
+from detector.datasets.records import Dataset
+from detector.errors import DatasetError  # noqa: F401  (re-exported)
 
 logger = logging.getLogger(__name__)
 

@@ -26,9 +26,9 @@ from typing import Any, Iterable, Optional, Sequence
 
 import numpy as np
 
-from ..images import ImageError, image_size
-from .records import Dataset, ImageRecord
-from .validate import DatasetError, LoadReport
+from detector.images import ImageError, image_size
+from detector.datasets.records import Dataset, ImageRecord
+from detector.datasets.validate import DatasetError, LoadReport
 
 _IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".JPG", ".JPEG", ".PNG", ".bmp", ".BMP")
 

@@ -319,7 +319,7 @@ def train_box_regressors(
     covariance needs 5 points) is trained without whitening.  Both warn.
     """
     # float16/32 stay as they are (ridge_solve upcasts chunk by chunk), and an array-like with a
-    # shape that reads rows on demand (detector.svm_rows.StoredRows) is never materialised
+    # shape that reads rows on demand (detector.detection.train.rows.StoredRows) is never materialised
     x = features if hasattr(features, "shape") and hasattr(features, "__getitem__") else np.asarray(features)
     if x.ndim != 2:
         raise ValueError(f"train_box_regressors: features must be [N, D], got shape {x.shape}")

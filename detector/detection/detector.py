@@ -1,6 +1,6 @@
 """The trained detector: one self-contained file, `load()`, and `detect()`.
 
-File format (detector.model_file): safetensors (tensors only, so loading never
+File format (detector.core.model_file): safetensors (tensors only, so loading never
 unpickles anything) whose JSON header metadata holds the format name and
 version, the resolved config, the class names and the backbone's id and
 geometry.  Tensors: the conv trunk (so a model never depends on where its
@@ -16,20 +16,20 @@ from typing import Optional, Sequence, Union
 import numpy as np
 import torch
 
-from .backbones import Backbone, build_backbone
-from .bbox_regression import BoxRegressor
-from .config import Config, ConfigError, apply_test_overrides
-from .embedder import WindowEmbedder, distinct_windows, layer_dim
-from .errors import ModelFormatError
-from .model_file import (check_tensors, expected_state, load_module, load_trunk, model_meta, module_tensors,
+from detector.core.backbones import Backbone, build_backbone
+from detector.detection.bbox_regression import BoxRegressor
+from detector.config import Config, ConfigError, apply_test_overrides
+from detector.core.embedder import WindowEmbedder, distinct_windows, layer_dim
+from detector.errors import ModelFormatError
+from detector.core.model_file import (check_tensors, expected_state, load_module, load_trunk, model_meta, module_tensors,
                          positive_scalar, read_model, write_model_file)
-from .features import FeatureExtractor, ScaleFeatures
-from .heads import FCHead
-from .images import load_image
-from .pooling import pool_windows
-from .postprocess import class_thresholds, finalize_detections, select_detections
-from .projection import check_boxes
-from .timing import NO_TIMER, StageTimer
+from detector.core.features import FeatureExtractor, ScaleFeatures
+from detector.core.heads import FCHead
+from detector.images import load_image
+from detector.core.pooling import pool_windows
+from detector.detection.postprocess import class_thresholds, finalize_detections, select_detections
+from detector.core.projection import check_boxes
+from detector.timing import NO_TIMER, StageTimer
 
 FORMAT = "sppnet-detector"
 FORMAT_VERSION = 1
@@ -84,7 +84,7 @@ class SPPDetector:
         return self.embedder.backbone
 
     def proposals(self, image: np.ndarray) -> np.ndarray:
-        from .proposals import search_options, selective_search
+        from detector.proposals import search_options, selective_search
 
         return selective_search(image, **search_options(self.cfg.proposals))
 

@@ -8,9 +8,9 @@ from typing import Optional
 import numpy as np
 from tqdm.auto import tqdm
 
-from .datasets.records import Dataset
-from .distributed import all_gather, log_shard, shard, world
-from .model import SPPDetector, empty_result
+from detector.datasets.records import Dataset
+from detector.distributed import all_gather, log_shard, shard, world
+from detector.detection.detector import SPPDetector, empty_result
 
 
 def detect_dataset(model: SPPDetector, ds: Dataset, cache_root: Optional[str] = "data/cache",
@@ -27,7 +27,7 @@ def detect_dataset(model: SPPDetector, ds: Dataset, cache_root: Optional[str] = 
     log_shard("detect", len(mine))
     records = [ds.records[i] for i in mine]
     if proposals is None and cache_root is not None:
-        from .proposals import compute_proposals
+        from detector.proposals import compute_proposals
 
         proposals = compute_proposals(records, Path(cache_root) / "proposals", model.cfg.proposals,
                                       progress=progress and w.main)
@@ -53,7 +53,7 @@ def detect_dataset(model: SPPDetector, ds: Dataset, cache_root: Optional[str] = 
 
 def score_detections(ds: Dataset, results: list[dict], use_07_metric: bool = True) -> dict:
     """VOC AP per class and mAP (devkit rules) of `results` against the dataset's ground truth."""
-    from .evaluation import eval_detection_voc, to_devkit_boxes
+    from detector.metrics.voc import eval_detection_voc, to_devkit_boxes
 
     return eval_detection_voc([to_devkit_boxes(r["boxes"]) for r in results], [r["labels"] for r in results],
                               [r["scores"] for r in results], [to_devkit_boxes(g.boxes) for g in ds],

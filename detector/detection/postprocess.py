@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torchvision.ops import nms
 
-from detector.bbox_regression import decode
+from detector.detection.bbox_regression import decode
 from detector.config import ConfigError, TestConfig
 
 Regressor = Union[None, Callable[[np.ndarray, np.ndarray], np.ndarray], np.ndarray]

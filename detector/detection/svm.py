@@ -1,7 +1,7 @@
 """Per-class linear SVMs with hard-negative mining (paper section 4.1, R-CNN's `rcnn_train.m`).
 
 Inputs are feature matrices, one `SVMImage` per training image; feature
-extraction and the norm-20 rescaling (`detector.embedder.norm_scale`) happen before.
+extraction and the norm-20 rescaling (`detector.core.embedder.norm_scale`) happen before.
 
 Mining follows the original exactly, for all classes in the same pass:
 

@@ -18,7 +18,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from detector.cache import atomic_write_bytes
-from detector.evaluation import check_detections
+from detector.metrics.voc import check_detections
 
 
 def _num(v: float) -> str:

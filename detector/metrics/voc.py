@@ -12,7 +12,7 @@ library's boxes are 0-based continuous (`x1 = xmin - 1, x2 = xmax`); pass them t
 `to_devkit_boxes` (adds 1 to x1 and y1) first.  The devkit's +1 IoU of the converted boxes is then
 the continuous IoU of the originals (exactly in real arithmetic; up to float rounding, and exactly
 for integer boxes), so detections and ground truth from our pipeline are scored as the devkit
-would score the files `detector.result_files.write_voc_results` writes.
+would score the files `detector.metrics.result_files.write_voc_results` writes.
 
 COCO (`eval_coco`, `coco_gt_from_arrays`) uses pycocotools' COCOeval on continuous boxes.
 """
@@ -447,7 +447,7 @@ def eval_coco(coco_gt: Any, results: Any, *, print_summary: bool = False) -> dic
 
     coco_gt: a COCO GT dict (e.g. `coco_gt_from_arrays`), a pycocotools COCO object, or a path to
     a GT json.  results: a list of {"image_id", "category_id", "bbox": [x, y, w, h], "score"} or a
-    path to such a json (see `detector.result_files`).  Returns the 12 standard stats by name
+    path to such a json (see `detector.metrics.result_files`).  Returns the 12 standard stats by name
     (`COCO_STAT_NAMES`; pycocotools' -1 where a stat is undefined).  pycocotools' progress output
     is swallowed; print_summary=True prints its 12-line summary.
     """

@@ -148,7 +148,7 @@ def selective_search(image, mode: str = "fast", *, resize: Optional[int] = DEFAU
     """
     import cv2
 
-    from ..images import load_image
+    from detector.images import load_image
 
     _check_options(mode, resize, min_size, top_k, base_k, inc_k, sigma)
     rgb = load_image(image)

@@ -20,10 +20,10 @@ from typing import Iterable, Optional, Sequence, Union
 
 import numpy as np
 
-from ..cache import atomic_save_npz, atomic_write_json, file_digest, load_npz, params_digest
-from ..datasets.records import ImageRecord
-from ..errors import DatasetError, ProposalsError
-from ..images import ImageError
+from detector.cache import atomic_save_npz, atomic_write_json, file_digest, load_npz, params_digest
+from detector.datasets.records import ImageRecord
+from detector.errors import DatasetError, ProposalsError
+from detector.images import ImageError
 from . import search as _ss
 
 log = logging.getLogger(__name__)
@@ -77,7 +77,7 @@ class ProposalStore:
 
 
 def _compute_and_store(path: str, cache_file: str, options: dict) -> np.ndarray:
-    from ..images import load_image
+    from detector.images import load_image
 
     opts = dict(options)
     mode = opts.pop("mode")
@@ -234,7 +234,7 @@ def sharded_proposals(records: Sequence[ImageRecord], cache_dir: Union[str, os.P
     """`compute_proposals` for every record, under torchrun too: each rank searches its share of
     the images (balanced by pixels, one log line per rank) into the shared cache, then every rank
     reads all of them back.  In one process it is compute_proposals."""
-    from ..distributed import barrier, log_shard, shard, world
+    from detector.distributed import barrier, log_shard, shard, world
 
     mine = shard([r.width * r.height for r in records])
     log_shard("proposals", len(mine))

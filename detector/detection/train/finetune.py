@@ -27,15 +27,15 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .cache import atomic_write_bytes
-from .config import ConfigError, FinetuneConfig
-from .embedder import WindowEmbedder, norm_scale
-from .distributed import world
-from .errors import DatasetError
-from .features import ScaleFeatures
-from .heads import FCHead
-from .labeling import Windows
-from .pooling import StackedMaps
+from detector.cache import atomic_write_bytes
+from detector.config import ConfigError, FinetuneConfig
+from detector.core.embedder import WindowEmbedder, norm_scale
+from detector.distributed import world
+from detector.errors import DatasetError
+from detector.core.features import ScaleFeatures
+from detector.core.heads import FCHead
+from detector.detection.matching import Windows
+from detector.core.pooling import StackedMaps
 
 log = logging.getLogger(__name__)
 

@@ -1,14 +1,14 @@
-"""The training pipeline: a loop over resumable stages (detector.stages lists them).
+"""The training pipeline: a loop over resumable stages (detector.detection.train.stages lists them).
 
 proposals -> conv features -> fine-tuning -> SVMs -> box regression -> model file.
 
 Proposals and conv maps live in content-keyed caches (`--cache`, default `data/cache`),
 shared between runs, so those two stages always run and cost little when cached.  Every
 other stage writes its result into the run folder atomically and records, in
-`stages.json`, the digest of what its result depends on (`detector.stages.stage_digests`).
+`stages.json`, the digest of what its result depends on (`detector.detection.train.stages.stage_digests`).
 A rerun reuses a stage whose digest and artifact are still there and redoes it when
 anything it depends on changed; fine-tuning also checkpoints inside the stage, and the SVM
-and regression rows are kept per image (detector.svm_rows) until their stage is done.
+and regression rows are kept per image (detector.detection.train.rows) until their stage is done.
 """
 from __future__ import annotations
 
@@ -22,26 +22,26 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from .backbones import Backbone, build_backbone
-from .bbox_regression import BoxRegressor, train_box_regressors
-from .cache import atomic_save_npz, file_digest, load_npz, params_digest
-from .config import Config
-from .datasets import load_dataset
-from .datasets.records import Dataset
-from .embedder import WindowEmbedder
-from .errors import CacheError, DatasetError
-from .distributed import (all_gather, all_local_cores, barrier, broadcast, check_same_config, check_shared_folder, fault_point,
+from detector.core.backbones import Backbone, build_backbone
+from detector.detection.bbox_regression import BoxRegressor, train_box_regressors
+from detector.cache import atomic_save_npz, file_digest, load_npz, params_digest
+from detector.config import Config
+from detector.datasets import load_dataset
+from detector.datasets.records import Dataset
+from detector.core.embedder import WindowEmbedder
+from detector.errors import CacheError, DatasetError
+from detector.distributed import (all_gather, all_local_cores, barrier, broadcast, check_same_config, check_shared_folder, fault_point,
                           log_shard, shard, world)
-from .features import FeatureCache, FeatureExtractor, MapMemory, extract_all
-from .finetune import TrainImage, estimate_pool5_scale, finetune, pool_pairs, stacked_pooler
-from .heads import FCHead
-from .proposals.files import dataset_proposals
-from .labeling import label_windows
-from .model import SPPDetector
-from .pooling import StackedMaps
-from .stages import STAGES, StageRecords, data_digest, relevant_config, stage_digests
-from .svm import format_summary, train_svms
-from .svm_rows import RowStore, regression_examples, svm_feature_scale, svm_images, write_rows
+from detector.core.features import FeatureCache, FeatureExtractor, MapMemory, extract_all
+from detector.detection.train.finetune import TrainImage, estimate_pool5_scale, finetune, pool_pairs, stacked_pooler
+from detector.core.heads import FCHead
+from detector.proposals.files import dataset_proposals
+from detector.detection.matching import label_windows
+from detector.detection.detector import SPPDetector
+from detector.core.pooling import StackedMaps
+from detector.detection.train.stages import STAGES, StageRecords, data_digest, relevant_config, stage_digests
+from detector.detection.svm import format_summary, train_svms
+from detector.detection.train.rows import RowStore, regression_examples, svm_feature_scale, svm_images, write_rows
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +98,7 @@ def run_proposals(r: TrainRun) -> dict:
         props = dataset_proposals(r.proposals_file, r.ds.records)
         computed = cached = 0
     else:
-        from .proposals import sharded_proposals
+        from detector.proposals import sharded_proposals
 
         props = sharded_proposals(r.ds.records, r.cache / "proposals", r.cfg.proposals, progress=r.progress)
         computed, cached = props.computed, props.cached

@@ -21,12 +21,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .bbox_regression import select_regression_examples
-from .cache import atomic_save_npz, load_npz
-from .embedder import WindowEmbedder
-from .errors import CacheError
-from .finetune import FeatureGetter, TrainImage
-from .svm import SVMImage, sample_feature_rows
+from detector.detection.bbox_regression import select_regression_examples
+from detector.cache import atomic_save_npz, load_npz
+from detector.core.embedder import WindowEmbedder
+from detector.errors import CacheError
+from detector.detection.train.finetune import FeatureGetter, TrainImage
+from detector.detection.svm import SVMImage, sample_feature_rows
 
 
 class RowStore:
@@ -91,7 +91,7 @@ def write_rows(embedder: WindowEmbedder, images: Sequence[TrainImage], gts: Sequ
 
 def svm_feature_scale(store: RowStore, n: int, norm_images: int, norm_boxes: int, target: float, seed: int) -> float:
     """R-CNN's norm-20 scale of the SVM features, from a seeded sample of the stored rows."""
-    from .embedder import norm_scale
+    from detector.core.embedder import norm_scale
 
     sample = sample_feature_rows(lambda i: store.read(i)["x"], n, norm_images, norm_boxes, seed)
     return norm_scale(sample.astype(np.float32), target, "SVM features")

@@ -26,7 +26,7 @@ import copy
 import json
 from pathlib import Path
 
-from .cache import atomic_write_json, params_digest
+from detector.cache import atomic_write_json, params_digest
 
 STAGES = ("proposals", "features", "finetune", "svm", "bbox", "model")
 
@@ -86,7 +86,7 @@ class StageRecords:
         return self.done.get(name, {}).get("digest") == digest and all(Path(f).is_file() for f in files)
 
     def finish(self, name: str, digest: str, seconds: float, **info) -> None:
-        from .distributed import world
+        from detector.distributed import world
 
         self.done[name] = {"digest": digest, "seconds": round(seconds, 2), **info}
         self.ran[name] = seconds
