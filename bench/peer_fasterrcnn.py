@@ -185,7 +185,7 @@ def train_phase(spec: dict, records: list) -> dict:
     import resource
 
     import torch
-    from tqdm.auto import tqdm
+    from detector.progress import progress_bar
 
     if spec["threads"]:
         torch.set_num_threads(spec["threads"])
@@ -232,7 +232,7 @@ def train_phase(spec: dict, records: list) -> dict:
 
     model.train()
     tty = sys.stderr.isatty()
-    bar = tqdm(total=total, initial=start, desc="train", unit="it", disable=not spec["progress"],
+    bar = progress_bar(total=total, initial=start, desc="train", unit="it", disable=not spec["progress"],
                mininterval=1 if tty else 30, file=sys.stderr)
     plan_epoch, order, flips = -1, None, None
     it, calib_t0, last_loss = start, None, float("nan")
@@ -317,7 +317,7 @@ def test_peer_phase(spec: dict, records: list) -> dict:
     import resource
 
     import torch
-    from tqdm.auto import tqdm
+    from detector.progress import progress_bar
 
     if spec["threads"]:
         torch.set_num_threads(spec["threads"])
@@ -329,7 +329,7 @@ def test_peer_phase(spec: dict, records: list) -> dict:
     results, times = [], []
     with torch.inference_mode():
         model([image_tensor(images[0])])  # warm-up, untimed
-        for img in tqdm(images, desc="peer test", unit="img", disable=not spec["progress"], file=sys.stderr):
+        for img in progress_bar(images, desc="peer test", unit="img", disable=not spec["progress"], file=sys.stderr):
             check_parent(spec)
             t0 = time.perf_counter()
             o = model([image_tensor(img)])[0]
@@ -343,7 +343,7 @@ def test_ours_phase(spec: dict, records: list) -> dict:
     import resource
 
     import torch
-    from tqdm.auto import tqdm
+    from detector.progress import progress_bar
 
     import detector
 
@@ -353,7 +353,7 @@ def test_ours_phase(spec: dict, records: list) -> dict:
     images = _decode_all(records)
     model.detect(images[0])  # warm-up, untimed
     results, times, props = [], [], []
-    for img in tqdm(images, desc="ours test", unit="img", disable=not spec["progress"], file=sys.stderr):
+    for img in progress_bar(images, desc="ours test", unit="img", disable=not spec["progress"], file=sys.stderr):
         check_parent(spec)
         t0 = time.perf_counter()
         r = model.detect(img)

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
-from tqdm.auto import tqdm
+from detector.progress import progress_bar
 
 from detector.cache import atomic_write_json
 from detector.classification.classifier import SPPClassifier
@@ -39,7 +39,7 @@ def run_scheme(clf: SPPClassifier, data: ImageFolderSplit, scheme: str, progress
             clf.classify(data.paths[mine[0]], views=scheme)  # warm-up: first-call allocations are not the method's
         except ImageError:
             pass
-    for i in tqdm(mine, desc=f"views {scheme}", unit="img", disable=not progress):
+    for i in progress_bar(mine, desc=f"views {scheme}", unit="img", disable=not progress):
         t = time.perf_counter()
         try:
             res = clf.classify(data.paths[i], views=scheme)

@@ -36,7 +36,7 @@ from typing import Optional
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
+from detector.progress import progress_bar
 
 from detector.core.backbones import build_backbone, split_trunk
 from detector.cache import atomic_write_bytes, atomic_write_json, params_digest
@@ -98,7 +98,7 @@ def collect(samples: Samples, size: int, embedder: Optional[WindowEmbedder], pro
     """Fill the cache at `size` (and, given the unscaled embedder of a frozen trunk, the pool5
     table); images that cannot be read are dropped from `samples`, with a warning, and counted."""
     keep, rows = [], []
-    for i, p in enumerate(tqdm(samples.paths, desc=f"conv maps, size {size}", unit="img", disable=not progress)):
+    for i, p in enumerate(progress_bar(samples.paths, desc=f"conv maps, size {size}", unit="img", disable=not progress)):
         try:
             maps = samples.maps.get(p, size)
         except (ImageError, OSError) as e:
@@ -210,7 +210,7 @@ def fill_cache_sharded(samples: Samples, sizes: list[int], progress: bool) -> No
     mine = shard([image_pixels(p) for p in samples.paths])
     log_shard("conv maps", len(mine))
     for size in sizes:
-        for i in tqdm(mine, desc=f"conv maps {world().rank}/{world().size}, size {size}", unit="img",
+        for i in progress_bar(mine, desc=f"conv maps {world().rank}/{world().size}, size {size}", unit="img",
                       disable=not progress):
             try:
                 samples.maps.get(samples.paths[i], size)
@@ -277,7 +277,7 @@ def train_classifier(dataset: str, out: str, cfg: Config, cache_root: str = "dat
     if start == 0:
         embedder.pool5_scale = estimate_scale(trainer, epoch_size(cfg, 0), c.target_norm, cfg.seed)
     history = []
-    bar = tqdm(range(start, c.epochs), desc="train fc", unit="epoch", disable=not progress, initial=start,
+    bar = progress_bar(range(start, c.epochs), desc="train fc", unit="epoch", disable=not progress, initial=start,
                total=c.epochs)
     for e in bar:
         history.append(trainer.epoch(e, progress))

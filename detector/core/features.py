@@ -291,7 +291,7 @@ def extract_all(paths: Sequence[str], cache: FeatureCache, shard: tuple[int, int
     and counted; every other image is still done.  Returns counts and the failures."""
     import logging
 
-    from tqdm import tqdm
+    from detector.progress import progress_bar
 
     from detector.images import ImageError
 
@@ -299,7 +299,7 @@ def extract_all(paths: Sequence[str], cache: FeatureCache, shard: tuple[int, int
     i, n = shard
     mine = sorted(paths)[i::n]
     stats = {"images": len(mine), "computed": 0, "cached": 0, "failed": []}
-    for p in tqdm(mine, desc=f"conv features {i}/{n}", unit="img", disable=not progress):
+    for p in progress_bar(mine, desc=f"conv features {i}/{n}", unit="img", disable=not progress):
         try:
             if all(cache.complete(p, f) for f in flips):
                 stats["cached"] += 1

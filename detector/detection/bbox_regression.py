@@ -26,7 +26,7 @@ import numpy as np
 import scipy.linalg
 import torch
 from torchvision.ops import box_iou
-from tqdm.auto import tqdm
+from detector.progress import progress_bar
 
 # torchvision's bbox_xform_clip: never scale a box up by more than 1000/16 in decode.
 BBOX_XFORM_CLIP = math.log(1000.0 / 16)
@@ -342,7 +342,7 @@ def train_box_regressors(
     T = np.tile(np.eye(4), (num_classes, 1, 1))
     T_inv = T.copy()
     trained = np.zeros(num_classes, bool)
-    bar = tqdm(total=n, desc="box regression", unit="row", disable=not progress)
+    bar = progress_bar(total=n, desc="box regression", unit="row", disable=not progress)
     for k in range(num_classes):
         rows = np.flatnonzero(labels == k)
         nk = len(rows)

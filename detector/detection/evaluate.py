@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
-from tqdm.auto import tqdm
+from detector.progress import progress_bar
 
 from detector.datasets.records import Dataset
 from detector.distributed import all_gather, log_shard, shard, world
@@ -32,7 +32,7 @@ def detect_dataset(model: SPPDetector, ds: Dataset, cache_root: Optional[str] = 
         proposals = compute_proposals(records, Path(cache_root) / "proposals", model.cfg.proposals,
                                       progress=progress and w.main)
     results, times = [], []
-    for r in tqdm(records, desc="detect", unit="img", disable=not progress or not w.main):
+    for r in progress_bar(records, desc="detect", unit="img", disable=not progress or not w.main):
         props = None if proposals is None else proposals.get(r.image_id)
         if props is not None and len(props) == 0:
             results.append(empty_result())

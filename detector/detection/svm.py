@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from typing import Optional, Union
 
 import numpy as np
-from tqdm.auto import tqdm
+from detector.progress import progress_bar
 
 from detector.config import SVMConfig
 
@@ -249,7 +249,7 @@ def _positives(images: Images, num_classes: int, progress: bool) -> tuple[list[n
     pos_chunks: list[list[np.ndarray]] = [[] for _ in range(num_classes)]
     dim: Optional[int] = None
     num_images = 0
-    for idx, img in enumerate(tqdm(_iterate(images), desc="SVM positives", unit="img", disable=not progress)):
+    for idx, img in enumerate(progress_bar(_iterate(images), desc="SVM positives", unit="img", disable=not progress)):
         _check_image(img, idx, num_classes, dim)
         img = _as_image(img)
         dim = img.features.shape[1]
@@ -380,7 +380,7 @@ def train_svms(
                       f"examples; it will never fire", UserWarning, stacklevel=2)
     # Pass 2: one mining pass (per epoch) over the images.
     for epoch in range(epochs):
-        bar = tqdm(_iterate(images), total=num_images, desc=f"SVM mining (epoch {epoch + 1}/{epochs})",
+        bar = progress_bar(_iterate(images), total=num_images, desc=f"SVM mining (epoch {epoch + 1}/{epochs})",
                    unit="img", disable=not progress)
         seen = 0
         for idx, img in enumerate(bar):
@@ -391,7 +391,7 @@ def train_svms(
         if seen != num_images:
             raise ValueError(f"train_svms: the images gave {num_images} items for positives but {seen} for mining")
     # Once more at the end, every class, on its final cache.
-    summary = [m.finish(k) for k in tqdm(np.flatnonzero(mine), desc="SVM final retrain", unit="class",
+    summary = [m.finish(k) for k in progress_bar(np.flatnonzero(mine), desc="SVM final retrain", unit="class",
                                          disable=not progress)]
     if m.unconverged:
         total = sum(m.unconverged.values())

@@ -166,7 +166,7 @@ def compute_proposals(records_or_image_paths: Iterable, cache_dir: Union[str, os
     image is logged with its file name, skipped (an empty array) and listed in
     `.failed`; the rest is still done.
     """
-    from tqdm import tqdm
+    from detector.progress import progress_bar
 
     t0 = time.perf_counter()
     workers = cfg.workers if workers is None else workers
@@ -198,7 +198,7 @@ def compute_proposals(records_or_image_paths: Iterable, cache_dir: Union[str, os
             results[i] = boxes
             out.computed += 1
 
-    bar = tqdm(total=len(todo), desc="selective search", unit="img", disable=not progress or not todo)
+    bar = progress_bar(total=len(todo), desc="selective search", unit="img", disable=not progress or not todo)
     try:
         if workers <= 1 or len(todo) <= 1:
             _init_worker()

@@ -25,7 +25,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
+from detector.progress import progress_bar
 
 from detector.cache import atomic_write_bytes
 from detector.config import ConfigError, FinetuneConfig
@@ -198,7 +198,7 @@ def finetune(head: FCHead, images: Sequence[TrainImage], pool: PairPooler, fc: F
     device = next(head.parameters()).device
     head.train()
     losses, accs = [], []
-    bar = tqdm(range(start, fc.iterations), desc="fine-tune fc", unit="it", disable=not progress or not w.main,
+    bar = progress_bar(range(start, fc.iterations), desc="fine-tune fc", unit="it", disable=not progress or not w.main,
                initial=start, total=fc.iterations)
     for it in bar:
         lr = fc.lr * (0.1 ** sum(it >= s for s in fc.lr_steps))

@@ -19,7 +19,7 @@ from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+from detector.progress import progress_bar
 
 from detector.detection.bbox_regression import select_regression_examples
 from detector.cache import atomic_save_npz, load_npz
@@ -75,7 +75,7 @@ def write_rows(embedder: WindowEmbedder, images: Sequence[TrainImage], gts: Sequ
     labels).  `done(i)` is called after image i, e.g. to drop its conv maps from memory."""
     stores = [s for s in (svm, bbox) if s is not None]
     indices = range(len(images)) if indices is None else indices
-    for i in tqdm(indices, desc="SVM/regression rows", unit="img", disable=not progress):
+    for i in progress_bar(indices, desc="SVM/regression rows", unit="img", disable=not progress):
         im = images[i]
         if all(s.has(i) for s in stores):
             continue
