@@ -90,6 +90,9 @@ class LineProgress:
     def set_description(self, desc: str, refresh: bool = True) -> None:
         self.desc = desc
 
+    def write(self, message: str) -> None:
+        sys.stderr.write(message.rstrip("\n") + "\n")
+
     def close(self) -> None:
         if self._closed:
             return
