@@ -403,8 +403,8 @@ def in_fresh_process(fn, *args):
 # --------------------------------------------------------------------------- scoring and report
 
 def evaluate(class_names: list, records: list, results: list) -> dict:
-    from detector.metrics.voc import (coco_gt_from_arrays, detection_counts, eval_coco, eval_detection_voc,
-                                     to_devkit_boxes)
+    from detector.metrics.coco import coco_gt_from_arrays, eval_coco
+    from detector.metrics.voc import detection_counts, eval_detection_voc, to_devkit_boxes
     from detector.metrics.result_files import coco_results_from_arrays
 
     K = len(class_names)

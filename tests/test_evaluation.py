@@ -11,8 +11,9 @@ import torch
 from torchvision.ops import box_iou
 
 from detector.metrics.voc import (
-    COCO_STAT_NAMES, calc_detection_voc_ap, calc_detection_voc_prec_rec, coco_gt_from_arrays,
-    detection_counts, eval_coco, eval_detection_voc, format_ap_table, from_devkit_boxes, to_devkit_boxes)
+    calc_detection_voc_ap, calc_detection_voc_prec_rec, detection_counts, eval_detection_voc, format_ap_table,
+    from_devkit_boxes, to_devkit_boxes)
+from detector.metrics.coco import COCO_STAT_NAMES, coco_gt_from_arrays, eval_coco
 from detector.metrics.result_files import (
     coco_results_from_arrays, read_coco_results, read_voc_results, voc_results_path, write_coco_results,
     write_voc_results)

@@ -45,7 +45,8 @@ def main(argv=None) -> int:
     import detector
     from detector.distributed import init_from_env
     from detector.datasets import load_dataset
-    from detector.metrics.voc import coco_gt_from_arrays, detection_counts, eval_coco, format_ap_table
+    from detector.metrics.coco import coco_gt_from_arrays, eval_coco
+    from detector.metrics.voc import detection_counts, format_ap_table
     from detector.detection.evaluate import detect_dataset, score_detections
     from detector.proposals import dataset_proposals
     from detector.metrics.result_files import write_coco_results, write_voc_results
