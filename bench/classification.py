@@ -47,7 +47,7 @@ def conv_pixel_ratio(paths, view_scale: int, view: int, max_size: int, divisor: 
     mirror at shorter side view_scale, padded to the trunk's divisor), summed over the images."""
     from PIL import Image
 
-    from detector.core.projection import resize_factor, resized_size
+    from detector.core.resize import resize_factor, resized_size
 
     crops = maps = 0
     for p in paths:

@@ -17,14 +17,6 @@ any image (model file, --set).
 """
 
 
-def output_paths(images: list[str], out_dir: Path, suffix: str = ".png") -> list[Path]:
-    """One output path per input, unique for distinct inputs: the input's path relative to the
-    inputs' common folder, under out_dir, with `suffix`."""
-    parents = [os.path.dirname(os.path.abspath(p)) for p in images]
-    root = os.path.commonpath(parents) if parents else ""
-    return [out_dir / Path(os.path.relpath(os.path.abspath(p), root)).with_suffix(suffix) for p in images]
-
-
 def detect_main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=DETECT_DOC, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("images", nargs="+")
@@ -39,31 +31,12 @@ def detect_main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     import detector
-    from detector.errors import InputError
-    from detector.proposals import load_proposals
-    from detector.detection.visualize import save_detections
+    from detector.detection.batch import detect_files
 
     model = detector.load(args.model, device=args.device)
     model.configure_test(args.overrides)
-    props = load_proposals(args.proposals, [Path(p).stem for p in args.images]) if args.proposals else {}
-    failed = []
-    for path, png in zip(args.images, output_paths(args.images, Path(args.out))):
-        try:
-            res = model.detect(path, proposals=props.get(Path(path).stem))
-        except InputError as e:  # one bad image must not stop the rest
-            print(f"error: {e}; skipped", file=sys.stderr)
-            failed.append(path)
-            continue
-        keep = res["scores"] >= args.thresh
-        print(f"{path}: {int(keep.sum())} detections (score >= {args.thresh})")
-        names = [n for n, k in zip(res["label_names"], keep) if k]
-        for b, s, n in zip(res["boxes"][keep], res["scores"][keep], names):
-            print(f"  {n:<16} {s:7.3f}  [{b[0]:.1f}, {b[1]:.1f}, {b[2]:.1f}, {b[3]:.1f}]")
-        print(f"  drawn: {save_detections(path, res, png, args.thresh)}")
-    if failed:
-        print(f"{len(failed)} of {len(args.images)} images failed: {', '.join(failed)}", file=sys.stderr)
-        return 1
-    return 0
+    failed = detect_files(model, args.images, Path(args.out), args.thresh, args.proposals)
+    return 1 if failed else 0
 
 
 def detect_cli() -> int:
@@ -86,6 +59,19 @@ def parse_training_args(parser: argparse.ArgumentParser, argv=None):
     if os.environ.get("RANK", "0") == "0":
         print("config:\n" + cfg.dump())
     return args, cfg
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """'i/N' (0-based i) -> (i, N), with a clear error for anything else."""
+    from detector.errors import InputError
+
+    try:
+        i, n = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise InputError(f"--shard must look like i/N (e.g. 0/4), got {text!r}") from None
+    if n < 1 or not 0 <= i < n:
+        raise InputError(f"--shard {text}: need 0 <= i < N")
+    return i, n
 
 
 def _one_line_warning(message, category, filename, lineno, line=None) -> str:

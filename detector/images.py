@@ -115,3 +115,12 @@ def _without_path(error: Exception, path) -> str:
     for form in (repr(str(path)), str(path)):
         text = text.replace(" " + form, "").replace(form, "")
     return text.strip() or type(error).__name__
+
+
+def list_images(folder: str | os.PathLike) -> list[str]:
+    """Image files in a folder (not recursive), sorted by name."""
+    exts = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"image folder not found: {folder}")
+    return sorted(str(p) for p in folder.iterdir() if p.suffix.lower() in exts)

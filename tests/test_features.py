@@ -1,4 +1,5 @@
 """Conv features once per image per scale, their cache, image conversion and box pooling."""
+import os
 
 import numpy as np
 import pytest
@@ -6,7 +7,11 @@ import torch
 from PIL import Image
 
 from detector.core.backbones import efficientnet_lite0
-from detector.core.features import FeatureCache, FeatureExtractor, extract_all, list_images, parse_shard
+from detector.cli import parse_shard
+from detector.core.feature_cache import FeatureCache, extract_all
+from detector.core.features import FeatureExtractor
+from detector.distributed import shard
+from detector.images import list_images
 from detector.errors import InputError
 from detector.images import ImageError, load_image
 
@@ -124,12 +129,15 @@ def test_extract_all_shards_skips_bad_images_and_resumes(tmp_path, backbone):
     paths = list_images(tmp_path / "imgs")
     assert len(paths) == 5
     cache = FeatureCache(tmp_path / "cache", FeatureExtractor(backbone, [48], device="cpu"))
-    s0 = extract_all(paths, cache, (0, 2), progress=False)
-    s1 = extract_all(paths, cache, (1, 2), progress=False)
+    costs = [os.path.getsize(p) for p in paths]  # any cost: the shards split the images between them
+    halves = [[paths[i] for i in shard(costs, size=2, rank=r)] for r in (0, 1)]
+    assert sorted(halves[0] + halves[1]) == sorted(paths) and not set(halves[0]) & set(halves[1])
+    s0 = extract_all(halves[0], cache, progress=False)
+    s1 = extract_all(halves[1], cache, progress=False)
     assert s0["images"] + s1["images"] == 5
     assert s0["computed"] + s1["computed"] == 4
     assert len(s0["failed"]) + len(s1["failed"]) == 1 and "zz_bad.png" in (s0["failed"] + s1["failed"])[0][0]
-    again = extract_all(paths, cache, (0, 1), progress=False)
+    again = extract_all(paths, cache, progress=False)
     assert again["computed"] == 0 and again["cached"] == 4
     assert parse_shard("1/2") == (1, 2)
     with pytest.raises(InputError, match="i/N"):

@@ -4,7 +4,11 @@ import math
 import numpy as np
 import pytest
 
-from detector.core.projection import check_boxes, choose_scales, project_boxes, resize_factor
+from detector.core.projection import choose_scales, project_boxes
+
+from detector.core.boxes import check_boxes
+
+from detector.core.resize import resize_factor
 
 
 def spec_zf5_code_rule(x1_1b, y1_1b, x2_1b, y2_1b, map_w, map_h):

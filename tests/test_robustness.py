@@ -30,7 +30,7 @@ def test_batch_detection_skips_a_bad_image_and_keeps_outputs_apart(smoke_run, tm
 
 
 def test_output_paths_mirror_the_inputs_below_their_common_folder(tmp_path):
-    from detector.cli import output_paths
+    from detector.detection.batch import output_paths
 
     got = output_paths(["d/a/x.jpg", "d/b/x.jpg", "d/a/y.png"], tmp_path)
     assert got == [tmp_path / "a" / "x.png", tmp_path / "b" / "x.png", tmp_path / "a" / "y.png"]
@@ -96,7 +96,7 @@ def test_warnings_print_as_one_line_in_the_tools():
 
 
 def test_messages_name_the_problem_once(tmp_path, caplog):
-    from detector.core.features import extract_all
+    from detector.core.feature_cache import extract_all
     from detector.images import ImageError, load_image
 
     with pytest.raises(ImageError, match="is a folder, not an image file"):

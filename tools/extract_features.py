@@ -16,11 +16,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from detector.cli import run_tool  # noqa: E402
-from detector.core.backbones import build_backbone  # noqa: E402
+from detector.cli import parse_shard, run_tool  # noqa: E402
 from detector.config import add_config_args, load_config  # noqa: E402
 from detector.errors import DatasetError, InputError  # noqa: E402
-from detector.core.features import FeatureCache, FeatureExtractor, extract_all, list_images, parse_shard  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -31,20 +29,27 @@ def main(argv=None) -> int:
     ap.add_argument("--split", default="trainval", help="ImageSets/Main/<split>.txt (with --dataset)")
     ap.add_argument("--image-dir", default=None, help="COCO only: the images' folder (default: the json's folder)")
     ap.add_argument("--cache", default="data/cache/features", help="feature cache root")
-    ap.add_argument("--shard", default="0/1", help="i/N: this process takes every N-th image from the i-th")
+    ap.add_argument("--shard", default="0/1", help="i/N: this process takes the i-th of N shares of the images "
+                                                   "(balanced by pixels, as torchrun's processes do)")
     ap.add_argument("--flip", action="store_true", help="also cache the mirror images (fine-tuning augmentation)")
     add_config_args(ap)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
 
     cfg = load_config(args.config, args.overrides)
-    from detector.distributed import check_shared_folder, init_from_env, log_shard, shard as world_shard
-    from detector.images import image_pixels
+    from detector.core.backbones import build_backbone
+    from detector.core.feature_cache import FeatureCache, extract_all
+    from detector.core.features import FeatureExtractor
+    from detector.distributed import check_shared_folder, init_from_env, log_shard, shard as share
+    from detector.images import image_pixels, list_images
 
     w = init_from_env()
-    shard = parse_shard(args.shard)
-    if w.distributed and shard != (0, 1):
+    i, n = parse_shard(args.shard)
+    if w.distributed and (i, n) != (0, 1):
         raise InputError("--shard splits the images by hand; under torchrun the processes split them already")
+    if w.distributed:
+        i, n = w.rank, w.size
+        check_shared_folder(Path(args.cache))
     if args.dataset:
         from detector.datasets import load_dataset
 
@@ -53,19 +58,17 @@ def main(argv=None) -> int:
         paths = list_images(args.images)
     if not paths:
         raise DatasetError(f"{args.images}: no image files found (.jpg, .png, ...)")
-    if w.distributed:
-        paths = sorted(paths)
-        paths = [paths[i] for i in world_shard([image_pixels(p) for p in paths])]
-        log_shard("features", len(paths))
-        check_shared_folder(Path(args.cache))
+    paths = sorted(paths)
+    paths = [paths[k] for k in share([image_pixels(p) for p in paths], size=n, rank=i)]
+    log_shard("features", len(paths))
     print(f"backbone={cfg.backbone.name} scales={cfg.features.scales} max_size={cfg.features.max_size}")
     extractor = FeatureExtractor(build_backbone(cfg.backbone), cfg.features.scales, cfg.features.max_size,
                                  cfg.features.device)
     cache = FeatureCache(args.cache, extractor, cfg.features.cache_dtype)
     t0 = time.perf_counter()
-    stats = extract_all(paths, cache, shard, flips=(False, True) if args.flip else (False,))
+    stats = extract_all(paths, cache, flips=(False, True) if args.flip else (False,))
     dt = time.perf_counter() - t0
-    print(f"{stats['images']} images in shard {args.shard}: {stats['computed']} computed, "
+    print(f"{stats['images']} images in shard {i}/{n}: {stats['computed']} computed, "
           f"{stats['cached']} already cached, {len(stats['failed'])} skipped (unreadable); "
           f"{dt:.1f} s; cache {cache.dir}")
     for p, why in stats["failed"]:

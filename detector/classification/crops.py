@@ -21,9 +21,10 @@ import numpy as np
 import torch
 
 from detector.cache import atomic_save_npz, load_npz
-from detector.core.features import FeatureCache, FeatureExtractor, ScaleFeatures
+from detector.core.feature_cache import FeatureCache
+from detector.core.features import FeatureExtractor, ScaleFeatures
 from detector.images import load_image
-from detector.core.projection import resize_factor, resized_size
+from detector.core.resize import resize_factor, resized_size
 from detector.classification.views import view_boxes
 
 CROP_VERSION = 1  # bump when cutting or resizing crops changes

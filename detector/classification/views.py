@@ -30,7 +30,7 @@ from typing import Sequence
 
 import numpy as np
 
-from detector.core.projection import resize_factor, resized_size
+from detector.core.resize import resize_factor, resized_size
 
 POSITIONS = ("center", "corners5", "grid9")
 

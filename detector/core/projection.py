@@ -24,27 +24,6 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from detector.errors import ProposalsError
-
-
-def check_boxes(boxes: np.ndarray, width: int, height: int, name: str = "boxes") -> np.ndarray:
-    """Validate [N, 4] x1, y1, x2, y2 boxes against a W x H image; a clear ProposalsError otherwise."""
-    b = np.asarray(boxes, dtype=np.float64)
-    if b.ndim != 2 or b.shape[1] != 4:
-        raise ProposalsError(f"{name} must be an [N, 4] array of x1, y1, x2, y2, got shape {b.shape}")
-    if not np.isfinite(b).all():
-        i = int(np.nonzero(~np.isfinite(b).all(1))[0][0])
-        raise ProposalsError(f"{name}[{i}] = {b[i].tolist()} is not finite")
-    bad = (b[:, 2] < b[:, 0]) | (b[:, 3] < b[:, 1])
-    if bad.any():
-        i = int(np.nonzero(bad)[0][0])
-        raise ProposalsError(f"{name}[{i}] = {b[i].tolist()} has x2 < x1 or y2 < y1")
-    tol = 1e-3
-    out = (b[:, 0] < -tol) | (b[:, 1] < -tol) | (b[:, 2] > width + tol) | (b[:, 3] > height + tol)
-    if out.any():
-        i = int(np.nonzero(out)[0][0])
-        raise ProposalsError(f"{name}[{i}] = {b[i].tolist()} lies outside the {width}x{height} image")
-    return b
 
 
 def project_boxes(boxes: np.ndarray, factor: float, stride: int, offset: float, map_size: tuple[int, int],
@@ -54,7 +33,7 @@ def project_boxes(boxes: np.ndarray, factor: float, stride: int, offset: float, 
     `factor`: the image's resize factor at this scale; `map_size`: (h, w) of
     the feature map.  Both may also be per box ([N] arrays: boxes of several
     images at once).  Returns int64 [N, 4] cell windows `x1, y1, x2, y2`.
-    Boxes must already be validated (`check_boxes`).
+    Boxes must already be validated (`detector.core.boxes.check_boxes`).
     """
     b = np.asarray(boxes, dtype=np.float64) * np.reshape(factor, (-1, 1))
     h, w = (np.reshape(v, (-1, 1)) for v in map_size)
@@ -106,15 +85,3 @@ def choose_scales(boxes: np.ndarray, factors: Sequence[float], image_size: tuple
     else:
         raise ValueError(f"scale rule must be 'paper' or 'code', got {rule!r}")
     return np.argmin(d, axis=1).astype(np.int64)
-
-
-def resize_factor(width: int, height: int, scale: int, max_size: int) -> float:
-    """Factor that makes the shorter side `scale`, unless the longer side would pass `max_size`."""
-    f = scale / min(width, height)
-    if max(width, height) * f > max_size:
-        f = max_size / max(width, height)
-    return f
-
-
-def resized_size(width: int, height: int, factor: float) -> tuple[int, int]:
-    return max(1, int(round(width * factor))), max(1, int(round(height * factor)))

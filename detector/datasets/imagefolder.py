@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from detector.errors import DatasetError
-from detector.core.features import list_images
+from detector.images import list_images
 
 log = logging.getLogger(__name__)
 

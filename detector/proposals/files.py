@@ -187,7 +187,7 @@ def read_proposals_npz(path: PathLike, image_ids: Optional[Sequence[str]] = None
 def dataset_proposals(path: PathLike, records: Sequence) -> dict[str, np.ndarray]:
     """A proposals file's boxes for every record (an ImageRecord: image_id, width, height),
     each checked to lie inside its image; a missing id or a bad box names the file."""
-    from detector.core.projection import check_boxes
+    from detector.core.boxes import check_boxes
 
     props = load_proposals(path, [r.image_id for r in records])
     for r in records:
