@@ -206,9 +206,10 @@ def training_vectors(model, recs, props: dict, n_props: int, batch: int) -> tupl
     """The training windows of each image (GT + top n_props proposals) and their unscaled pool5,
     float16, per arm and orientation: {"spp"|"rcnn": {False|True: [[M_i, D] per image]}}."""
     from detector.core.embedder import WindowEmbedder
-    from detector.detection.train.finetune import TrainImage, mirror_boxes
+    from detector.core.boxes import mirror_boxes
+    from detector.detection.train.finetune import TrainImage
     from detector.images import load_image
-    from detector.detection.matching import label_windows
+    from detector.detection.matching import match_windows
 
     K = len(model.class_names)
     e = model.embedder
@@ -217,7 +218,7 @@ def training_vectors(model, recs, props: dict, n_props: int, batch: int) -> tupl
     t0 = time.perf_counter()
     for n, r in enumerate(recs):
         img = load_image(r.path)
-        w = label_windows(r.boxes, r.labels, props[r.image_id][:n_props], K)
+        w = match_windows(r.boxes, r.labels, props[r.image_id][:n_props], K)
         images.append(TrainImage(r.path, r.width, r.height, w))
         for flip in (False, True):
             boxes = mirror_boxes(w.boxes, r.width) if flip else w.boxes
@@ -418,7 +419,7 @@ def main(argv=None) -> int:
             _, W, b, s = arms["spp"]
             results["spp"].append(detections(model, boxes, (x * s) @ W + b, size))
             full = spp_features(ext1, img, boxes, model.embedder)[0]
-            results["full"].append(detections(model, boxes, model.svm_scores(full), size))
+            results["full"].append(detections(model, boxes, model.predictor.scores(torch.from_numpy(full)).numpy(), size))
         if i < n_rcnn:
             xr, tr = rcnn_features(model, img, boxes, rcnn_emb, args.rcnn_batch)
             times["rcnn"].append(tr)

@@ -8,17 +8,22 @@ read a stale entry.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
 import os
+import shutil
 import tempfile
 import threading
 import zipfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 import numpy as np
+
+from detector.errors import DiskError
 
 _CHUNK = 1 << 20
 _UMASK_LOCK = threading.Lock()
@@ -54,26 +59,71 @@ def current_umask() -> int:
     return mask
 
 
+DISK_ERRNOS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
+               errno.EROFS: "read-only file system"}
+
+
+def _mb(n: float) -> str:
+    return f"{n / 1e6:.1f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
+
+
+def disk_error(e: OSError, folder: str | os.PathLike, what: str = "", needed: Optional[int] = None) -> DiskError:
+    """The one-line DiskError for an OSError whose errno is in DISK_ERRNOS: which folder, what was
+    being written, how much it needed and how much is free, and what to do."""
+    folder = Path(folder)
+    free = ""
+    try:
+        free = f"; {_mb(shutil.disk_usage(folder if folder.exists() else folder.parent).free)} free"
+    except OSError:
+        pass
+    writing = f" writing {what}" if what else ""
+    need = f" ({_mb(needed)} needed{free})" if needed is not None else (f" ({free[2:]})" if free else "")
+    return DiskError(f"{folder}: {DISK_ERRNOS[e.errno]}{writing}{need}. Free some space (or point --cache / --out "
+                     f"at another disk) and run the same command again: finished work is kept")
+
+
+@contextmanager
+def writing_to(folder: str | os.PathLike, what: str = "", needed: Optional[int] = None):
+    """Turn a full disk, an exceeded quota or a read-only file system met while writing into
+    `folder` into one DiskError naming it; any other OSError passes through unchanged."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno in DISK_ERRNOS:
+            raise disk_error(e, folder, what, needed) from None
+        raise
+
+
+def make_dir(folder: str | os.PathLike) -> Path:
+    """mkdir -p, with a full or read-only disk reported as a DiskError naming the folder."""
+    folder = Path(folder)
+    with writing_to(folder):
+        folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write to a temporary file beside `path`, then rename it into place.  The file gets the
     mode a plain open() would give (0666 minus the umask), not mkstemp's private 0600, so
-    models and caches can be shared with other users and services."""
+    models and caches can be shared with other users and services.  A full or read-only disk
+    is a DiskError naming the folder and the size, and leaves no partial file behind."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o666 & ~current_umask())
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
+    with writing_to(path.parent, path.name, len(data)):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+            os.fchmod(fd, 0o666 & ~current_umask())
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+            raise
 
 
 def atomic_save_npz(path: str | os.PathLike, **arrays: np.ndarray) -> None:
@@ -95,6 +145,30 @@ def load_npz(path: str | os.PathLike) -> dict[str, np.ndarray] | None:
 
         warnings.warn(f"cache file {path} is unreadable ({e}); recomputing it")
         return None
+
+
+def save_checkpoint(path: str | os.PathLike, state: Mapping[str, Any]) -> None:
+    """torch.save into memory, then an atomic write: an interrupted run never leaves half a
+    checkpoint.  The one checkpoint writer (fine-tuning, the classifier's training)."""
+    import torch
+
+    buf = io.BytesIO()
+    torch.save(dict(state), buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict | None:
+    """A checkpoint `save_checkpoint` wrote, or None when there is none.  Tensors and plain
+    types only (weights_only): loading runs no pickled code."""
+    import torch
+
+    if not Path(path).is_file():
+        return None
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:

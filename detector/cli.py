@@ -82,15 +82,26 @@ def _one_line_warning(message, category, filename, lineno, line=None) -> str:
 def run_tool(main, argv=None) -> int:
     """Run a tool's main(); bad input (detector.errors.InputError: config, dataset, image,
     weights, model file) prints one line naming the problem and exits with 2, no traceback.
-    So does a missing file: the tools' paths come from the user.  Warnings print as one line
-    each, without the source line that raised them."""
+    So does a missing file (the tools' paths come from the user) and a full, over-quota or
+    read-only disk (detector.errors.DiskError, or any such OSError).  Warnings print as one
+    line each, without the source line that raised them."""
+    from detector.cache import DISK_ERRNOS, disk_error
     from detector.errors import InputError
 
     warnings.formatwarning = _one_line_warning
     try:
         return main(argv)
-    except (InputError, FileNotFoundError) as e:
-        from detector.distributed import world
+    except OSError as e:  # a full disk met by a write that no library wrapper saw
+        if e.errno not in DISK_ERRNOS and not isinstance(e, FileNotFoundError):
+            raise
+        return _error(disk_error(e, Path(e.filename).parent if e.filename else "the output folder")
+                      if e.errno in DISK_ERRNOS else e)
+    except InputError as e:
+        return _error(e)
 
-        print(f"error: {world()}: {e}" if world().distributed else f"error: {e}", file=sys.stderr)
-        return 2
+
+def _error(e: Exception) -> int:
+    from detector.distributed import world
+
+    print(f"error: {world()}: {e}" if world().distributed else f"error: {e}", file=sys.stderr)
+    return 2

@@ -286,6 +286,21 @@ def config_from_dict(data: dict) -> Config:
     return cfg
 
 
+# (section, key) of the settings that only change how fast or where work runs, never its
+# result: left out of every digest that decides whether a stage, a cache or a checkpoint
+# can be reused (detection's stages and the classifier's checkpoint alike).
+RESULT_NEUTRAL = (("proposals", "workers"), ("features", "device"), ("features", "ram_cache_mb"),
+                  ("finetune", "checkpoint_every"), ("classifier", "checkpoint_every"), ("backbone", "download"))
+
+
+def result_settings(cfg: "Config") -> dict:
+    """The config as a dict without the RESULT_NEUTRAL settings."""
+    d = cfg.to_dict()
+    for section, key in RESULT_NEUTRAL:
+        d[section].pop(key, None)
+    return d
+
+
 BACKBONE_NAMES = ("efficientnet_lite0", "zf5", "alexnet", "vgg16", "resnet50")  # detector.core.backbones.BACKBONES
 
 

@@ -244,12 +244,14 @@ def check_shared_folder(folder: Path) -> None:
     be shared and each rank would miss the others' work."""
     if not _world.distributed:
         return
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    from detector.cache import make_dir, writing_to
+
+    folder = make_dir(folder)
     token = broadcast(hashlib.sha1(os.urandom(16)).hexdigest() if _world.main else None)
     marker = folder / f".shared_{token}"
     if _world.main:
-        marker.write_text(socket.gethostname())
+        with writing_to(folder):
+            marker.write_text(socket.gethostname())
     barrier()
     seen = marker.is_file()
     everyone = all_gather(seen)

@@ -42,3 +42,9 @@ class CacheError(InputError, RuntimeError):
 
 class DeviceError(InputError, RuntimeError):
     """The device asked for (e.g. cuda) is not available here."""
+
+
+class DiskError(InputError, RuntimeError):
+    """A cache, run folder or output could not be written: the disk is full, over quota or
+    read-only.  Not an OSError on purpose: the per-image loops that skip an unreadable image
+    catch OSError, and a full disk must stop the tool instead (detector.cache.writing_to)."""

@@ -8,20 +8,13 @@ import pytest
 import scipy.linalg
 
 from detector.detection.bbox_regression import (BBOX_XFORM_CLIP, BoxRegressor, decode, encode, ridge_solve,
-                                      select_regression_examples, train_box_regressors)
+                                      train_box_regressors)
 
 
 def _random_boxes(rng, n, lo=0.0, hi=500.0):
     xy = rng.uniform(lo, hi, size=(n, 2))
     wh = rng.uniform(5.0, 200.0, size=(n, 2))  # size ratios stay below the decode clamp (62.5)
     return np.concatenate([xy, xy + wh], 1).astype(np.float32)
-
-
-def _iou(a, b):
-    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = iw * ih
-    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
 
 
 def test_encode_hand_computed():
@@ -56,47 +49,6 @@ def test_degenerate_training_boxes_are_rejected():
         encode(good, np.array([[0, 3, 10, 1]], np.float32))
     with pytest.raises(ValueError, match="4"):
         encode(np.zeros((2, 3)), np.zeros((2, 3)))
-
-
-def test_selection_rule_on_hand_made_boxes():
-    gt = np.array([[0, 0, 10, 10], [100, 100, 120, 140]], np.float32)
-    gt_labels = np.array([3, 7])
-    proposals = np.array([
-        [0, 0, 10, 20],       # IoU 0.5 with gt 0: not selected (strictly above only)
-        [0, 0, 10, 15],       # IoU 2/3 with gt 0: selected -> gt 0
-        [100, 100, 120, 130],  # IoU 0.75 with gt 1: selected -> gt 1
-        [50, 50, 60, 60],     # no overlap
-        [2, 0, 12, 10],       # IoU 8/12 with gt 0
-    ], np.float32)
-    ex = select_regression_examples(proposals, gt, gt_labels, iou_thresh=0.5)
-    # GT boxes first (IoU 1 with themselves), then proposals in order
-    assert ex.is_gt.tolist() == [True, True, False, False, False]
-    assert ex.index.tolist() == [0, 1, 1, 2, 4]
-    assert ex.gt_index.tolist() == [0, 1, 0, 1, 0]
-    assert ex.labels.tolist() == [3, 7, 3, 7, 3]
-    np.testing.assert_array_equal(ex.gt_boxes, gt[[0, 1, 0, 1, 0]])
-    np.testing.assert_array_equal(ex.boxes, np.concatenate([gt, proposals[[1, 2, 4]]]))
-    # R-CNN's 0.6 drops the 0.5 and keeps 2/3
-    assert select_regression_examples(proposals, gt, gt_labels, 0.7).index.tolist() == [0, 1, 2]
-    assert len(select_regression_examples(proposals, gt[:0], gt_labels[:0])) == 0
-
-
-def test_selection_assigns_the_best_gt_on_random_boxes():
-    rng = np.random.default_rng(1)
-    gt = _random_boxes(rng, 6, hi=100)
-    labels = rng.integers(0, 5, 6)
-    props = np.concatenate([gt + rng.normal(0, 5, gt.shape).astype(np.float32), _random_boxes(rng, 200, hi=100)])
-    props[:, 2:] = np.maximum(props[:, 2:], props[:, :2] + 1)
-    ex = select_regression_examples(props, gt, labels, 0.5)
-    expect = []
-    for i, p in enumerate(props):
-        ious = [_iou(p, g) for g in gt]
-        j = int(np.argmax(ious))
-        if ious[j] > 0.5:
-            expect.append((i, j))
-    got = [(int(i), int(j)) for g, i, j in zip(ex.is_gt, ex.index, ex.gt_index) if not g]
-    assert got == expect
-    assert (ex.labels == labels[ex.gt_index]).all()
 
 
 def test_ridge_matches_lstsq_on_the_augmented_system():
@@ -201,3 +153,31 @@ def test_arrays_round_trip_and_validation():
         reg.predict(x[:, :5], boxes, labels)
     with pytest.raises(ValueError, match="labels"):
         reg.predict(x, boxes, np.full(len(x), 9))
+
+
+def test_deltas_for_every_class_and_for_each_rows_class_agree_with_a_float64_loop():
+    """The device path's [N, K, 4] deltas (float32, one pass) and the host path's [N, 4] deltas of
+    each row's class (float64) are the same regression, against the plain formula per row."""
+    import torch
+
+    rng = np.random.default_rng(7)
+    x, boxes, gt, labels, _ = _synthetic(rng, 200, 9, 3)
+    labels[labels == 2] = 1  # class 2 untrained: zero deltas
+    with pytest.warns(UserWarning, match="no training examples"):
+        reg = train_box_regressors(x, boxes, gt, labels, 3, lam=2.0)
+    rows = rng.integers(0, 3, 40)
+    ref = np.zeros((40, 3, 4))
+    for n in range(40):
+        for k in range(3):
+            if reg.trained[k]:
+                w = reg.weights[k].astype(np.float64)
+                ref[n, k] = (x[n].astype(np.float64) @ w[:-1] + w[-1]) @ reg.T_inv[k] + reg.mu[k]
+    every = reg.deltas(torch.from_numpy(x[:40].astype(np.float32)))
+    assert every.dtype == torch.float32 and every.shape == (40, 3, 4)
+    np.testing.assert_allclose(every.numpy(), ref, rtol=1e-4, atol=1e-4)
+    own = reg.deltas(torch.from_numpy(x[:40].astype(np.float64)), rows)
+    assert own.dtype == torch.float64
+    np.testing.assert_allclose(own.numpy(), ref[np.arange(40), rows], rtol=1e-10, atol=1e-12)
+    moved = reg.apply(boxes[:40], own, rows)
+    np.testing.assert_array_equal(moved[rows == 2], boxes[:40][rows == 2])
+    np.testing.assert_allclose(moved[rows != 2], decode(boxes[:40], ref[np.arange(40), rows])[rows != 2])

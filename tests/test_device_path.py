@@ -60,8 +60,8 @@ def test_many_proposals_are_scored_in_bounded_chunks(model_and_image, monkeypatc
     xy = rng.uniform(0, [W - 10, H - 10], (20000, 2))
     boxes = np.concatenate([xy, xy + rng.uniform(4, 60, (20000, 2))], 1).clip(0, [W, H, W, H]).astype(np.float32)
     sizes = []
-    real = model_mod.pool_windows
-    monkeypatch.setattr(model_mod, "pool_windows", lambda f, w, levels: sizes.append(len(w)) or real(f, w, levels))
+    real = model.embedder.pool5_windows
+    monkeypatch.setattr(model.embedder, "pool5_windows", lambda f, w: sizes.append(len(w)) or real(f, w))
     monkeypatch.setattr(model_mod, "WINDOW_CHUNK", 1000)
     res = model.detect(img, proposals=boxes)
     assert len(sizes) > 2 and max(sizes) <= 1000 and len(res["scores"]) <= 100
@@ -91,9 +91,9 @@ def test_stacked_maps_pool_a_batch_exactly_like_image_by_image():
     from detector.core.backbones import zf5
     from detector.core.embedder import WindowEmbedder
     from detector.core.features import FeatureExtractor
+    from detector.core.embedder import StackedMaps
+    from detector.detection.matching import match_windows
     from detector.detection.train.finetune import TrainImage, pool_pairs, stacked_pooler
-    from detector.detection.matching import label_windows
-    from detector.core.pooling import StackedMaps
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -105,7 +105,7 @@ def test_stacked_maps_pool_a_batch_exactly_like_image_by_image():
         img = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
         xy = rng.uniform(0, [w - 30, h - 30], (40, 2))
         props = np.concatenate([xy, xy + rng.uniform(8, 30, (40, 2))], 1)
-        images.append(TrainImage(f"img{i}", w, h, label_windows(np.zeros((0, 4)), np.zeros(0), props, 2)))
+        images.append(TrainImage(f"img{i}", w, h, match_windows(np.zeros((0, 4)), np.zeros(0), props, 2)))
         maps += [fx(img), fx(img, flip=True)]
     emb = WindowEmbedder(bb, pool5_scale=0.5)
     pairs = np.stack([rng.integers(0, 3, 64), rng.integers(0, 40, 64)], 1)

@@ -85,7 +85,7 @@ def test_interrupted_svm_feature_pass_resumes_per_image(trained, monkeypatch):
         shutil.copytree(tmp / "run", runs[name])
         for f in ("svm.npz", "bbox.npz", "model.safetensors"):
             (runs[name] / f).unlink()
-    real, calls, stop_at = svm_rows.select_regression_examples, [], [None]
+    real, calls, stop_at = svm_rows._regression_rows, [], [None]
 
     def counted(*args, **kwargs):  # called once per image in the SVM feature pass
         calls.append(1)
@@ -93,7 +93,7 @@ def test_interrupted_svm_feature_pass_resumes_per_image(trained, monkeypatch):
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(svm_rows, "select_regression_examples", counted)
+    monkeypatch.setattr(svm_rows, "_regression_rows", counted)
     pipeline.train(str(data), str(runs["reference"]), cfg, cache_root=str(tmp / "cache"), progress=False)
     n_images = len(calls)
     calls.clear()
@@ -172,7 +172,9 @@ def test_detect_scoring_distinct_windows_once_changes_nothing(trained, monkeypat
     assert timer.counts["windows"] < timer.counts["proposals"] == len(props)
     assert {"proposals", "resize", "conv", "spp", "fc", "svm", "nms", "bbox"} <= set(timer.times)
     # every box pooled and scored on its own, as before the shortcut
-    monkeypatch.setattr(model, "_distinct", lambda windows: (windows, np.arange(len(windows))))
+    import detector.detection.detector as detector_mod
+
+    monkeypatch.setattr(detector_mod, "distinct_windows", lambda windows: (windows, np.arange(len(windows))))
     naive = model.detect(img, proposals=props, score_thresh=-10.0)
     assert len(fast["scores"]) > 10
     np.testing.assert_array_equal(fast["labels"], naive["labels"])
@@ -219,10 +221,10 @@ def test_train_tool_imports_the_stage_list_without_torch():
     import subprocess
 
     from detector.detection.train.pipeline import PIPELINE
-    from detector.detection.train.stages import STAGES
+    from detector.detection.train.stages import STAGE_NAMES
     from tools import train as train_tool
 
-    assert train_tool.STAGES is STAGES and [s.name for s in PIPELINE] == list(STAGES)
+    assert train_tool.STAGE_NAMES is STAGE_NAMES and [spec.name for spec, _ in PIPELINE] == list(STAGE_NAMES)
     code = f"import sys; sys.path.insert(0, {str(ROOT)!r}); import tools.train; print('torch' in sys.modules)"
     probe = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert probe.stdout.strip() == "False", "spawned selective-search workers re-import tools/train.py"
@@ -320,7 +322,7 @@ def test_softmax_scorer_uses_the_same_post_processing_and_round_trips(trained, t
         return real_embed(pool5)
 
     monkeypatch.setattr(model.embedder, "embed", embed)
-    monkeypatch.setattr(model, "svm_scores", lambda x: torch.softmax(head(captured["pool5"]), 1)[:, 1:].numpy())
+    monkeypatch.setattr(model.predictor, "scores", lambda x: torch.softmax(head(captured["pool5"]), 1)[:, 1:])
     as_svm = model.detect(img, proposals=props, scorer="svm")
     for k in ("boxes", "scores", "labels"):
         np.testing.assert_array_equal(as_svm[k], soft[k])

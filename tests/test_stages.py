@@ -4,7 +4,8 @@ import dataclasses
 import pytest
 
 from detector.config import load_config
-from detector.detection.train.stages import IRRELEVANT, STAGES, stage_digests
+from detector.config import RESULT_NEUTRAL
+from detector.detection.train.stages import STAGE_NAMES, stage_digests
 
 
 def digests(*overrides):
@@ -26,7 +27,7 @@ def test_irrelevant_list_names_real_fields():
     from detector.config import Config
 
     cfg = Config()
-    for section, key in IRRELEVANT:
+    for section, key in RESULT_NEUTRAL:
         assert key in {f.name for f in dataclasses.fields(getattr(cfg, section))}
 
 
@@ -51,7 +52,7 @@ def test_data_and_feature_changes_reach_every_trained_stage():
     trained = {"finetune", "svm_rows", "svm", "bbox_rows", "bbox", "model"}
     assert {k for k in a if a[k] != b[k]} == trained
     assert {k for k in a if a[k] != c[k]} == trained | {"features"}
-    assert set(STAGES) <= set(a)
+    assert set(STAGE_NAMES) <= set(a)
 
 
 @pytest.mark.parametrize("item", ["classifier.input=full", "classifier.epochs=7", "classifier.fc_dims=[64, 64]",

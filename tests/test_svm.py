@@ -10,7 +10,7 @@ from sklearn.svm import LinearSVC
 
 import detector.detection.svm as svm_mod
 from detector.config import SVMConfig
-from detector.detection.svm import (NEVER_FIRES, SVMImage, sample_feature_rows, svm_scores,
+from detector.detection.svm import (NEVER_FIRES, SVMImage, sample_feature_rows,
                           train_svms)
 
 D = 64
@@ -60,6 +60,15 @@ def test_sample_feature_rows_draws_from_images_deterministically():
     assert len(full) == sum(min(10, len(f)) for f in feats)
 
 
+def svm_scores(features, W, b):
+    """Scores through the detector's one scoring path (WindowPredictor)."""
+    import torch
+
+    from detector.detection.predictor import WindowPredictor
+
+    return WindowPredictor(W, b).scores(torch.as_tensor(np.asarray(features, np.float32))).numpy()
+
+
 def test_trained_svms_classify_heldout_data():
     images, mus, scale = _gaussian_images(0, num_images=30, num_classes=2, negs_per_image=60, sep=8.0)
     W, b, summary = train_svms(images, 2, SVMConfig(), progress=False)
@@ -79,7 +88,7 @@ def test_trained_svms_classify_heldout_data():
         sp = svm_scores(pos[lab == k], W0, b0)[:, k]
         sn = svm_scores(neg, W0, b0)[:, k]
         assert (sp[:, None] > sn[None, :]).mean() > 0.95  # the Bayes AUC here is 0.98
-    # svm_scores against a plain loop
+    # the predictor's scores against a plain loop
     ref = np.array([[sum(float(p[d]) * float(W0[d, k]) for d in range(D)) + float(b0[k]) for k in range(2)]
                     for p in pos[:5]])
     np.testing.assert_allclose(svm_scores(pos[:5], W0, b0), ref, rtol=1e-4, atol=1e-4)

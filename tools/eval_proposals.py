@@ -6,7 +6,6 @@
   python tools/eval_proposals.py --dataset data/BCCD --split test --plot recall.png --json recall.json
 """
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path
@@ -57,7 +56,9 @@ def main(argv=None) -> int:
     print(f"{ds.name}: {source}")
     print(format_recall(res))
     if args.json:
-        Path(args.json).write_text(json.dumps(recall_to_json(res), indent=2) + "\n")
+        from detector.cache import atomic_write_json
+
+        atomic_write_json(args.json, recall_to_json(res))
     if args.plot:
         curve = proposal_recall(boxes, gts[0], gts[1], top_ns=curve_ns(max(len(b) for b in boxes) or 1),
                                 difficult_list=gts[2])

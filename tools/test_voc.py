@@ -64,7 +64,6 @@ def main(argv=None) -> int:
                                    box_regression=not args.no_box_regression, proposals=props)
     if not w.main:  # rank 0 scores and writes
         return 0
-    out.mkdir(parents=True, exist_ok=True)
     ids = [r.image_id for r in ds]
     boxes = [r["boxes"] for r in results]
     labels = [r["labels"] for r in results]

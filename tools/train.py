@@ -17,7 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from detector.cli import parse_training_args, run_tool  # noqa: E402
-from detector.detection.train.stages import STAGES  # noqa: E402  (torch-free)
+from detector.detection.train.stages import STAGE_NAMES  # noqa: E402  (torch-free)
 
 
 def main(argv=None) -> int:
@@ -27,7 +27,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True, help="run directory (model, stages, checkpoints)")
     ap.add_argument("--train-split", default="trainval")
     ap.add_argument("--cache", default="data/cache", help="proposal and feature cache root")
-    ap.add_argument("--stop-after", default="model", choices=STAGES, help="run the stages up to this one")
+    ap.add_argument("--stop-after", default="model", choices=STAGE_NAMES, help="run the stages up to this one")
     ap.add_argument("--proposals", default=None, metavar="FILE",
                     help="published proposals (R-CNN/Fast R-CNN .mat, or our .npz from compute_proposals.py "
                          "--export) instead of selective search; every training image must be in it")

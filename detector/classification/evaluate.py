@@ -3,6 +3,7 @@ per-class accuracy, for one view scheme or several (tools/test_classifier.py).""
 from __future__ import annotations
 
 import csv
+import io
 import logging
 import time
 from pathlib import Path
@@ -11,7 +12,7 @@ from typing import Optional, Sequence
 import numpy as np
 from detector.progress import progress_bar
 
-from detector.cache import atomic_write_json
+from detector.cache import atomic_write_json, atomic_write_text
 from detector.classification.classifier import SPPClassifier
 from detector.datasets.imagefolder import ImageFolderSplit
 from detector.distributed import all_gather
@@ -89,14 +90,14 @@ def format_results(results: Sequence[dict], class_names: Sequence[str]) -> str:
 
 def write_results(out: Path, results: Sequence[dict], class_names: Sequence[str]) -> None:
     """predictions_<scheme>.csv (path, true, predicted, its score) and results.json (the figures)."""
-    out.mkdir(parents=True, exist_ok=True)
     for r in results:
-        with open(out / f"predictions_{r['scheme']}.csv", "w", newline="") as fh:
-            w = csv.writer(fh)
-            w.writerow(["path", "label", "predicted", "score"])
-            for p, y, s in zip(r["paths"], r["labels"], r["scores"]):
-                k = int(np.argmax(s))
-                w.writerow([p, class_names[y], class_names[k], f"{s[k]:.6f}"])
+        fh = io.StringIO(newline="")
+        w = csv.writer(fh)
+        w.writerow(["path", "label", "predicted", "score"])
+        for p, y, s in zip(r["paths"], r["labels"], r["scores"]):
+            k = int(np.argmax(s))
+            w.writerow([p, class_names[y], class_names[k], f"{s[k]:.6f}"])
+        atomic_write_text(out / f"predictions_{r['scheme']}.csv", fh.getvalue())
     atomic_write_json(out / "results.json", [{k: r[k] for k in ("scheme", "top1_err", "top5_err", "s_per_image",
                                                                  "median_s", "skipped")}
                                               | {"images": len(r["labels"])} for r in results])

@@ -26,7 +26,6 @@ same model as one that never stopped.
 """
 from __future__ import annotations
 
-import io
 import logging
 import time
 from dataclasses import dataclass
@@ -39,15 +38,16 @@ import torch.nn.functional as F
 from detector.progress import progress_bar
 
 from detector.core.backbones import build_backbone, split_trunk
-from detector.cache import atomic_write_bytes, atomic_write_json, params_digest
+from detector.cache import atomic_write_json, atomic_write_text, load_checkpoint, make_dir, params_digest, save_checkpoint
 from detector.classification.classifier import SPPClassifier, classifier_embedder, classifier_extractor, whole_pool5
-from detector.config import Config
+from detector.config import Config, result_settings
 from detector.classification.crops import CropCache
 from detector.distributed import barrier, check_same_config, check_shared_folder, log_shard, shard, world
 from detector.datasets.imagefolder import ImageFolderSplit, load_image_folder
-from detector.core.embedder import WindowEmbedder, norm_scale
+from detector.core.embedder import WindowEmbedder
 from detector.errors import DatasetError, ImageError
-from detector.core.features import FeatureCache, FeatureExtractor, ScaleFeatures
+from detector.core.feature_cache import FeatureCache
+from detector.core.features import FeatureExtractor, ScaleFeatures
 from detector.images import image_pixels
 
 log = logging.getLogger(__name__)
@@ -127,16 +127,18 @@ class Trainer:
             groups.append({"params": suffix.parameters(), "lr_mult": c.trunk_lr_mult})
         self.opt = torch.optim.SGD(groups, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay)
 
-    def pool5(self, idx: np.ndarray, pick: np.ndarray, size: int) -> torch.Tensor:
-        """Scaled pool5 [B, D] of sample pick[k] of image idx[k]."""
-        s = self.samples
+    def pool5(self, idx: np.ndarray, pick: np.ndarray, size: int,
+              embedder: Optional[WindowEmbedder] = None) -> torch.Tensor:
+        """Scaled pool5 [B, D] of sample pick[k] of image idx[k] (through `embedder`, default the
+        trainer's own)."""
+        s, emb = self.samples, embedder or self.embedder
         if self.suffix is None:
-            return s.tables[size][torch.from_numpy(idx), torch.from_numpy(pick)].float() * self.embedder.pool5_scale
+            return s.tables[size][torch.from_numpy(idx), torch.from_numpy(pick)].float() * emb.pool5_scale
         rows = []
         for i, j in zip(idx, pick):
             sf = s.maps.get(s.paths[i], size)[j]
             out = self.suffix(sf.features.float()[None])[0]
-            rows.append(whole_pool5(self.embedder, ScaleFeatures(sf.scale, sf.factor, out, sf.image_size)))
+            rows.append(whole_pool5(emb, ScaleFeatures(sf.scale, sf.factor, out, sf.image_size)))
         return torch.cat(rows)
 
     def epoch(self, epoch: int, progress: bool) -> dict:
@@ -180,24 +182,24 @@ class Trainer:
         return int(state["epoch"])
 
 
-def estimate_scale(trainer: Trainer, size: int, target: float, seed: int, n: int = 2000) -> float:
-    """pool5's norm-20 constant (as in detection), from up to `n` seeded samples at `size`."""
+def pool5_sample(trainer: Trainer, size: int, seed: int, n: int = 2000):
+    """What `WindowEmbedder.fit_pool5_scale` estimates pool5's constant from (as in detection):
+    up to `n` seeded samples at `size`, pooled through the embedder given."""
     s = trainer.samples
     per_image = len(s.maps.get(s.paths[0], size))
     rng = np.random.default_rng([seed, 7])
     flat = rng.choice(len(s.paths) * per_image, size=min(n, len(s.paths) * per_image), replace=False)
-    saved, trainer.embedder.pool5_scale = trainer.embedder.pool5_scale, 1.0
-    with torch.no_grad():
-        v = trainer.pool5(flat // per_image, flat % per_image, size)
-    trainer.embedder.pool5_scale = saved
-    return norm_scale(v, target, "pool5 features")
+
+    def sample(embedder: WindowEmbedder) -> torch.Tensor:
+        with torch.no_grad():
+            return trainer.pool5(flat // per_image, flat % per_image, size, embedder)
+
+    return sample
 
 
 def _run_digest(cfg: Config, data: ImageFolderSplit, feature_key: str) -> str:
     """What a checkpoint's training depends on: a checkpoint of another run is not resumed."""
-    c = cfg.to_dict()
-    c["classifier"].pop("checkpoint_every")
-    c["features"].pop("device")
+    c = result_settings(cfg)
     paths = [str(Path(p).relative_to(data.root)) for p in data.paths]  # the same data wherever it lies
     return params_digest({"config": {k: c[k] for k in ("seed", "backbone", "features", "spp", "classifier")},
                           "paths": paths, "labels": data.labels, "features": feature_key})
@@ -219,12 +221,6 @@ def fill_cache_sharded(samples: Samples, sizes: list[int], progress: bool) -> No
     barrier()
 
 
-def _save_checkpoint(path: Path, state: dict) -> None:
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    atomic_write_bytes(path, buf.getvalue())
-
-
 def _check_classes(samples: Samples, names: list[str], root: str) -> None:
     left = set(samples.labels.tolist())
     empty = [n for k, n in enumerate(names) if k not in left]
@@ -239,8 +235,8 @@ def train_classifier(dataset: str, out: str, cfg: Config, cache_root: str = "dat
     path, the other ranks return None once their maps are in the cache."""
     t0 = time.time()
     c, run = cfg.classifier, Path(out)
-    run.mkdir(parents=True, exist_ok=True)
-    (run / "config.yaml").write_text(cfg.dump())
+    make_dir(run)
+    atomic_write_text(run / "config.yaml", cfg.dump())
     data = load_image_folder(dataset, "train")
     torch.manual_seed(cfg.seed)  # the head's initial weights
     backbone = build_backbone(cfg.backbone)
@@ -249,8 +245,7 @@ def train_classifier(dataset: str, out: str, cfg: Config, cache_root: str = "dat
     embedder = classifier_embedder(cfg, backbone, len(data.class_names))
     samples = Samples(list(data.paths), np.array(data.labels, np.int64), TrainingMaps(cfg, extractor, cache_root),
                       {}, list(data.skipped))
-    unscaled = None if suffix is not None else WindowEmbedder(backbone, embedder.levels, embedder.scale_rule,
-                                                               embedder.projection)
+    unscaled = None if suffix is not None else embedder.unscaled()
     sizes = sorted({epoch_size(cfg, e) for e in range(c.epochs)}, reverse=True)
     sizes = sizes if unscaled is not None or c.size_schedule != "random" else sizes[:1]
     if world().distributed:
@@ -267,15 +262,15 @@ def train_classifier(dataset: str, out: str, cfg: Config, cache_root: str = "dat
     trainer = Trainer(cfg, embedder, suffix, samples)
     ckpt, digest = run / "checkpoint.pt", _run_digest(cfg, data, samples.maps.cache.key)
     start = 0
-    if ckpt.is_file():
-        state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    state = load_checkpoint(ckpt)
+    if state is not None:
         if state.get("digest") == digest:
             start = trainer.restore(state)
             log.info("resuming from epoch %d (%s)", start, ckpt)
         else:
             log.warning("%s is from another training (settings or data differ); starting over", ckpt)
     if start == 0:
-        embedder.pool5_scale = estimate_scale(trainer, epoch_size(cfg, 0), c.target_norm, cfg.seed)
+        embedder.fit_pool5_scale(pool5_sample(trainer, epoch_size(cfg, 0), cfg.seed), c.target_norm)
     history = []
     bar = progress_bar(range(start, c.epochs), desc="train fc", unit="epoch", disable=not progress, initial=start,
                total=c.epochs)
@@ -284,7 +279,7 @@ def train_classifier(dataset: str, out: str, cfg: Config, cache_root: str = "dat
         bar.set_postfix(loss=f"{history[-1]['loss']:.3f}", acc=f"{history[-1]['train_acc']:.3f}",
                         size=history[-1]["size"])
         if (e + 1) % c.checkpoint_every == 0 or e + 1 == c.epochs:
-            _save_checkpoint(ckpt, {**trainer.state(e + 1), "digest": digest})
+            save_checkpoint(ckpt, {**trainer.state(e + 1), "digest": digest})
     model_path = run / "model.safetensors"
     SPPClassifier(cfg, data.class_names, embedder, cfg.features.device).save(model_path)
     atomic_write_json(run / "train_summary.json", {

@@ -13,20 +13,23 @@ a classifier reads:
   brings those to norm 20 (R-CNN's recipe, kept by SPP-net).
 
 Fine-tuning, the SVM feature pass, box regression, `SPPDetector.detect()` and
-the classifier all call it, so a window is embedded the same way everywhere.
+the classifier all call it, so a window is embedded the same way everywhere: it is the
+only route from boxes to scaled pool5 (image by image, or from `StackedMaps` of many
+images on a GPU), and `fit_pool5_scale` the only place the pool5 constant is estimated.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
 
 from detector.core.backbones import Backbone
+from detector.core.boxes import check_boxes
 from detector.core.features import ScaleFeatures
 from detector.core.heads import FCHead
-from detector.core.pooling import pool_windows, project_to_windows
-from detector.core.spp import spp_length
+from detector.core.projection import choose_scales, project_boxes
+from detector.core.spp import DEFAULT_LEVELS, spatial_pyramid_pool, spp_length
 
 
 def norm_scale(sample, target: float = 20.0, what: str = "features") -> float:
@@ -68,6 +71,43 @@ def layer_dim(layer: str, pool5_dim: int, fc_dims) -> int:
     return pool5_dim if layer == "pool5" else int(fc_dims[0 if layer == "fc6" else 1])
 
 
+def _project(scale_feats: Sequence[ScaleFeatures], boxes: np.ndarray, backbone: Backbone,
+                       scale_rule: str = "paper", scale_index: Optional[np.ndarray] = None,
+                       projection: str = "code", name: str = "boxes") -> np.ndarray:
+    """[N, 5] int64: each box's scale index and its inclusive feature-cell window x1 y1 x2 y2."""
+    W, H = scale_feats[0].image_size
+    b = check_boxes(boxes, W, H, name)
+    out = np.zeros((len(b), 5), np.int64)
+    if len(b) == 0:
+        return out
+    if scale_index is None:
+        scale_index = choose_scales(b, [sf.factor for sf in scale_feats], (W, H), scale_rule)
+    out[:, 0] = scale_index
+    for k, sf in enumerate(scale_feats):
+        sel = np.nonzero(out[:, 0] == k)[0]
+        if len(sel):
+            out[sel, 1:] = project_boxes(b[sel], sf.factor, backbone.stride, backbone.offset, sf.map_size, projection)
+    return out
+
+
+def _pool(scale_feats: Sequence[ScaleFeatures], windows: np.ndarray,
+                 levels: Sequence[int] = DEFAULT_LEVELS) -> torch.Tensor:
+    """Unscaled SPP vectors [N, C * sum(n*n)] (float32, on the maps' device) of `_project` rows."""
+    C = int(scale_feats[0].features.shape[0])
+    device = scale_feats[0].features.device
+    if len(windows) and (windows[:, 0] == windows[0, 0]).all():
+        # one scale (always, at 1 scale): no second [N, D] buffer and copy (~45 MB for BCCD)
+        sf = scale_feats[int(windows[0, 0])]
+        return spatial_pyramid_pool(sf.features, torch.from_numpy(windows[:, 1:]), levels).float()
+    out = torch.empty((len(windows), spp_length(C, levels)), dtype=torch.float32, device=device)
+    for k, sf in enumerate(scale_feats):
+        sel = np.nonzero(windows[:, 0] == k)[0]
+        if len(sel):
+            pooled = spatial_pyramid_pool(sf.features, torch.from_numpy(windows[sel, 1:]), levels)
+            out[torch.from_numpy(sel).to(device)] = pooled.float()
+    return out
+
+
 class WindowEmbedder:
     """Boxes on an image's conv maps -> scaled SPP vectors (pool5) -> classifier features."""
 
@@ -100,15 +140,25 @@ class WindowEmbedder:
 
     def windows(self, feats: Sequence[ScaleFeatures], boxes: np.ndarray, scale_index: Optional[np.ndarray] = None,
                 name: str = "boxes") -> np.ndarray:
-        """[N, 5] int64: each box's scale index and its inclusive cell window (see pooling)."""
-        return project_to_windows(feats, boxes, self.backbone, self.scale_rule, scale_index, self.projection, name)
+        """[N, 5] int64: each box's scale index and its inclusive feature-cell window x1 y1 x2 y2.
+        `scale_index` forces each box's scale (fine-tuning draws it at random); else the scale
+        rule picks it (paper section 4.1)."""
+        return _project(feats, boxes, self.backbone, self.scale_rule, scale_index, self.projection, name)
+
+    def pool5_windows(self, feats: Sequence[ScaleFeatures], windows: np.ndarray) -> torch.Tensor:
+        """Scaled SPP vectors [N, D] of `windows()` rows."""
+        return _pool(feats, windows, self.levels).mul_(self.pool5_scale)  # in place: a fresh [N, D] costs page faults
 
     def pool5(self, feats: Sequence[ScaleFeatures], boxes: np.ndarray, scale_index: Optional[np.ndarray] = None,
               name: str = "boxes") -> torch.Tensor:
-        """Scaled SPP vectors [N, D] of boxes in original-image pixels.  `scale_index` forces
-        each box's scale (fine-tuning draws it at random); else the scale rule picks it."""
-        pooled = pool_windows(feats, self.windows(feats, boxes, scale_index, name), self.levels)
-        return pooled.mul_(self.pool5_scale)  # in place: a fresh [N, D] costs page faults
+        """Scaled SPP vectors [N, D] of boxes in original-image pixels."""
+        return self.pool5_windows(feats, self.windows(feats, boxes, scale_index, name))
+
+    def pool5_stacked(self, maps: "StackedMaps", slots: np.ndarray, boxes: np.ndarray,
+                      scale_index: Optional[np.ndarray] = None) -> torch.Tensor:
+        """Scaled SPP vectors [B, D] of boxes (original pixels of their own slot's image) on the
+        maps of many images at once: one roi_pool call per level (the GPU fine-tuning path)."""
+        return maps._pool(self.backbone, self.levels, self.projection, slots, boxes, scale_index).mul_(self.pool5_scale)
 
     def pool5_unique(self, feats: Sequence[ScaleFeatures], boxes: np.ndarray,
                      name: str = "boxes") -> tuple[torch.Tensor, np.ndarray]:
@@ -119,7 +169,24 @@ class WindowEmbedder:
         detect() pools and scores each distinct window once.
         """
         distinct, inverse = distinct_windows(self.windows(feats, boxes, None, name))
-        return pool_windows(feats, distinct, self.levels).mul_(self.pool5_scale), inverse
+        return self.pool5_windows(feats, distinct), inverse
+
+    def unscaled(self) -> "WindowEmbedder":
+        """The same projection and pyramid with pool5_scale 1 and no head (to sample raw pool5)."""
+        return WindowEmbedder(self.backbone, self.levels, self.scale_rule, self.projection)
+
+    def fit_pool5_scale(self, sample: Callable[["WindowEmbedder"], torch.Tensor], target: float = 20.0) -> float:
+        """Set (and return) `pool5_scale`, the constant that gives pool5 a mean L2 norm of `target`
+        over a sample (R-CNN's norm-20 rescaling, kept by SPP-net).  `sample(e)` pools the sample
+        windows through `e`, an unscaled copy of this embedder: detection draws training windows
+        over all images, classification training crops or whole images."""
+        self.pool5_scale = norm_scale(sample(self.unscaled()), target, "pool5 features")
+        return self.pool5_scale
+
+    @torch.inference_mode()
+    def class_probabilities(self, pool5: torch.Tensor) -> torch.Tensor:
+        """The head's softmax [N, classes] of scaled pool5 rows (eval mode: no dropout)."""
+        return torch.softmax(self.head(pool5), dim=1)
 
     @torch.inference_mode()
     def embed(self, pool5: torch.Tensor) -> torch.Tensor:
@@ -128,3 +195,55 @@ class WindowEmbedder:
         if self.layer == "pool5":
             return pool5 * self.feature_scale  # a copy: callers keep pool5 for box regression
         return self.head.embed(pool5, self.layer).mul_(self.feature_scale)
+
+
+class StackedMaps:
+    """Every training image's conv maps (and its mirror image's) stacked in one zero-padded
+    tensor per scale on a device, so a fine-tuning batch of windows from ~100 images is pooled
+    with one `roi_pool` call per pyramid level instead of one call per image and level.
+
+    Padding never changes a result: a window's cells lie inside its own map.  Meant for a
+    GPU, where the maps stay resident (BCCD: ~650 MB as float32; the training pipeline uses it
+    when they fit in `features.ram_cache_mb`).  The same code runs on the CPU (tests compare it
+    with per-image pooling).  `WindowEmbedder.pool5_stacked` pools from it.
+    """
+
+    def __init__(self, maps: Sequence[Sequence[ScaleFeatures]], device):
+        """maps[s]: the ScaleFeatures of slot s (one image in one orientation), all scales."""
+        n_scales = len(maps[0])
+        self.device = torch.device(device)
+        self.factor = np.array([[m[k].factor for m in maps] for k in range(n_scales)])  # [scale, slot]
+        self.map_h = np.array([[m[k].map_size[0] for m in maps] for k in range(n_scales)])
+        self.map_w = np.array([[m[k].map_size[1] for m in maps] for k in range(n_scales)])
+        self.stacks = []
+        for k in range(n_scales):
+            C = int(maps[0][k].features.shape[0])
+            stack = torch.zeros((len(maps), C, int(self.map_h[k].max()), int(self.map_w[k].max())),
+                                dtype=torch.float32, device=self.device)
+            for s, m in enumerate(maps):
+                f = m[k].features
+                stack[s, :, : f.shape[1], : f.shape[2]] = f.to(self.device, torch.float32)
+            self.stacks.append(stack)
+
+    @staticmethod
+    def nbytes(maps_shapes: Sequence[tuple]) -> int:
+        """float32 bytes of the stacks for maps of these (slots, C, h, w)-like shapes per scale."""
+        return sum(4 * s * c * h * w for s, c, h, w in maps_shapes)
+
+    def _pool(self, backbone, levels: Sequence[int], projection: str, slots: np.ndarray, boxes: np.ndarray,
+              scale_index: Optional[np.ndarray] = None) -> torch.Tensor:
+        """Unscaled SPP vectors [B, D] of boxes (original pixels of their own slot's image)."""
+        from torchvision.ops import roi_pool
+
+        k_of = np.zeros(len(boxes), np.int64) if scale_index is None else np.asarray(scale_index)
+        C = self.stacks[0].shape[1]
+        out = torch.empty((len(boxes), spp_length(C, levels)), dtype=torch.float32, device=self.device)
+        for k in np.unique(k_of):
+            sel = np.flatnonzero(k_of == k)
+            s = slots[sel]
+            cells = project_boxes(boxes[sel], self.factor[k, s], backbone.stride, backbone.offset,
+                                  (self.map_h[k, s], self.map_w[k, s]), projection)
+            rois = torch.from_numpy(np.concatenate([s[:, None], cells], 1)).to(self.device, torch.float32)
+            pooled = [roi_pool(self.stacks[k], rois, (n, n), 1.0).reshape(len(sel), -1) for n in levels]
+            out[torch.from_numpy(sel).to(self.device)] = torch.cat(pooled, 1)
+        return out

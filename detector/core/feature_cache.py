@@ -18,7 +18,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from detector.cache import atomic_save_npz, atomic_write_json, file_digest, load_npz, params_digest
+from detector.cache import atomic_save_npz, atomic_write_json, file_digest, load_npz, make_dir, params_digest
 from detector.core.features import FeatureExtractor, ScaleFeatures
 from detector.images import ImageError
 from detector.progress import progress_bar
@@ -37,7 +37,7 @@ class FeatureCache:
         params = dict(extractor.cache_params(), dtype=self.dtype.name, **(extra or {}))
         self.key = params_digest(params)
         self.dir = Path(root) / self.key
-        self.dir.mkdir(parents=True, exist_ok=True)
+        make_dir(self.dir)
         meta = self.dir / "params.json"
         if not meta.exists():
             atomic_write_json(meta, params)

@@ -37,7 +37,7 @@ from typing import Sequence
 import cv2
 import numpy as np
 
-from detector.cache import atomic_write_json
+from detector.cache import atomic_write_json, make_dir, writing_to
 from detector.datasets.validate import DatasetError
 
 GENERATOR_VERSION = 1
@@ -270,10 +270,11 @@ def make_synthetic(root: str | os.PathLike, num_train: int = 200, num_test: int 
     if root.exists() and any(root.iterdir()) and not (root / PARAMS_FILE).is_file():
         raise FileExistsError(f"{root}: exists and is not a synthetic dataset written by make_synthetic; "
                               "choose another directory or remove it")
-    root.parent.mkdir(parents=True, exist_ok=True)
+    make_dir(root.parent)
     tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{root.name}.tmp-"))
     try:
-        _write_all(tmp, num_train, num_test, (w, h), seed, classes)
+        with writing_to(root.parent, f"the synthetic dataset {root.name}"):
+            _write_all(tmp, num_train, num_test, (w, h), seed, classes)
         root.mkdir(exist_ok=True)
         # Drop the marker first: an interrupted swap must not look complete.
         (root / PARAMS_FILE).unlink(missing_ok=True)

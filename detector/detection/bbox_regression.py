@@ -25,7 +25,6 @@ from typing import Callable, Mapping, Optional, Sequence
 import numpy as np
 import scipy.linalg
 import torch
-from torchvision.ops import box_iou
 from detector.progress import progress_bar
 
 # torchvision's bbox_xform_clip: never scale a box up by more than 1000/16 in decode.
@@ -82,55 +81,6 @@ def decode(boxes: np.ndarray, deltas: np.ndarray) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------
-# training examples
-
-
-@dataclass
-class RegressionExamples:
-    """Selected training windows of one image.
-
-    is_gt[i]: whether example i is a ground-truth box (else a proposal);
-    index[i]: its row in gt_boxes (if is_gt) or in proposals;
-    boxes, gt_boxes: [n, 4] the example and its assigned (best-overlapping) GT;
-    gt_index, labels: [n] the assigned GT's row and class.
-    """
-
-    is_gt: np.ndarray
-    index: np.ndarray
-    boxes: np.ndarray
-    gt_index: np.ndarray
-    gt_boxes: np.ndarray
-    labels: np.ndarray
-
-    def __len__(self) -> int:
-        return len(self.index)
-
-
-def select_regression_examples(proposals: np.ndarray, gt_boxes: np.ndarray, gt_labels: np.ndarray,
-                               iou_thresh: float = 0.5) -> RegressionExamples:
-    """GT boxes, then proposals, whose IoU with some GT box exceeds iou_thresh (strictly),
-    each assigned the GT it overlaps most (first one on ties)."""
-    props = _boxes(proposals, "select_regression_examples: proposals")
-    gt = _boxes(gt_boxes, "select_regression_examples: gt_boxes")
-    gl = np.asarray(gt_labels, np.int64).reshape(-1)
-    if len(gl) != len(gt):
-        raise ValueError(f"select_regression_examples: {len(gt)} gt_boxes but {len(gl)} gt_labels")
-    cand = np.concatenate([gt, props], axis=0)
-    is_gt = np.arange(len(cand)) < len(gt)
-    index = np.concatenate([np.arange(len(gt)), np.arange(len(props))]).astype(np.int64)
-    if len(gt) == 0 or len(cand) == 0:
-        e = np.zeros(0, np.int64)
-        return RegressionExamples(np.zeros(0, bool), e, np.zeros((0, 4), np.float32), e,
-                                  np.zeros((0, 4), np.float32), e)
-    iou = box_iou(torch.from_numpy(cand), torch.from_numpy(gt)).numpy()
-    iou = np.nan_to_num(iou, nan=0.0)  # zero-area boxes
-    best = iou.argmax(axis=1)
-    sel = np.flatnonzero(iou[np.arange(len(cand)), best] > iou_thresh)
-    return RegressionExamples(is_gt[sel], index[sel], cand[sel].astype(np.float32), best[sel].astype(np.int64),
-                              gt[best[sel]].astype(np.float32), gl[best[sel]])
-
-
-# ----------------------------------------------------------------------------
 # model
 
 
@@ -170,62 +120,58 @@ class BoxRegressor:
     def feature_dim(self) -> int:
         return self.weights.shape[1] - 1
 
-    def predict_deltas(self, features: np.ndarray, labels: np.ndarray) -> np.ndarray:
-        """[N, D] features (scaled as in training), [N] labels -> [N, 4] deltas (0 for untrained classes)."""
-        x = np.asarray(features, np.float64)
-        labels = np.asarray(labels, np.int64).reshape(-1)
+    def _tensors(self, device: torch.device, dtype: torch.dtype) -> tuple:
+        """Torch copies of the weights and whitening, made once per device and dtype."""
+        key = (str(device), dtype)
+        cache = self.__dict__.setdefault("_t", {})
+        if key not in cache:
+            w = torch.from_numpy(self.weights).to(device, dtype)
+            cache[key] = (w[:, :-1], w[:, -1], torch.from_numpy(self.T_inv).to(device, dtype),
+                          torch.from_numpy(self.mu).to(device, dtype), torch.from_numpy(self.trained).to(device))
+        return cache[key]
+
+    def deltas(self, features: torch.Tensor, labels: Optional[np.ndarray] = None) -> torch.Tensor:
+        """Deltas (tx, ty, tw, th) of feature rows [N, D] (pool5 scaled as in training), in the
+        features' dtype and on their device: [N, K, 4] for every class in one pass (the device
+        path), or [N, 4] for each row's class in `labels` (the host path regresses only the kept
+        windows, in float64).  Untrained classes give 0."""
+        x = torch.as_tensor(features)
         if x.ndim != 2 or x.shape[1] != self.feature_dim:
-            raise ValueError(f"BoxRegressor: expected [N, {self.feature_dim}] features, got shape {x.shape}")
+            raise ValueError(f"BoxRegressor: expected [N, {self.feature_dim}] features, got shape {tuple(x.shape)}")
+        W, b, T_inv, mu, trained = self._tensors(x.device, x.dtype)
+        if labels is None:
+            y = torch.einsum("nd,kdf->nkf", x, W) + b
+            return (torch.einsum("nkf,kfg->nkg", y, T_inv) + mu) * trained[None, :, None]
+        labels = np.asarray(labels, np.int64).reshape(-1)
         if len(labels) != len(x):
             raise ValueError(f"BoxRegressor: {len(x)} feature rows but {len(labels)} labels")
         if len(labels) and (labels.min() < 0 or labels.max() >= self.num_classes):
             raise ValueError(f"BoxRegressor: labels must be in [0, {self.num_classes}), "
                              f"got values in [{labels.min()}, {labels.max()}]")
-        out = np.zeros((len(x), 4), np.float64)
+        out = x.new_zeros((len(x), 4))
         for k in np.unique(labels):
-            if not self.trained[k]:
-                continue
-            rows = labels == k
-            w = self.weights[k].astype(np.float64)
-            y = x[rows] @ w[:-1] + w[-1]
-            out[rows] = y @ self.T_inv[k] + self.mu[k]
+            if self.trained[k]:
+                rows = torch.from_numpy(np.flatnonzero(labels == k)).to(x.device)
+                out[rows] = (x[rows] @ W[k] + b[k]) @ T_inv[k] + mu[k]
         return out
 
-    def to_device(self, device) -> None:
-        """Keep float32 copies of the weights and whitening on `device` for deltas_torch."""
-        w = torch.from_numpy(self.weights).to(device)
-        self._t = (w[:, :-1], w[:, -1], torch.from_numpy(self.T_inv.astype(np.float32)).to(device),
-                   torch.from_numpy(self.mu.astype(np.float32)).to(device),
-                   torch.from_numpy(self.trained).to(device))
-
-    def deltas_torch(self, features: torch.Tensor) -> torch.Tensor:
-        """[N, K, 4] deltas of every row for every class, in one pass on the features' device
-        (float32; untrained classes 0).  `predict_deltas` is the float64 host version."""
-        if getattr(self, "_t", None) is None or self._t[0].device != features.device:
-            self.to_device(features.device)
-        W, b, T_inv, mu, trained = self._t
-        y = torch.einsum("nd,kdf->nkf", features, W) + b
-        return (torch.einsum("nkf,kfg->nkg", y, T_inv) + mu) * trained[None, :, None]
-
-    def apply(self, boxes: np.ndarray, deltas: np.ndarray, labels: np.ndarray) -> np.ndarray:
-        """Boxes moved by precomputed deltas [N, 4] (each box's own class); untrained classes
-        leave their boxes unchanged."""
+    def apply(self, boxes: np.ndarray, deltas, labels: np.ndarray) -> np.ndarray:
+        """Boxes [N, 4] moved by their deltas [N, 4] (each box's own class, from `deltas`);
+        untrained classes leave their boxes unchanged.  float32 boxes."""
         boxes = _boxes(boxes, "BoxRegressor.apply: boxes")
-        out = decode(boxes, deltas)
-        untouched = ~self.trained[np.asarray(labels, np.int64).reshape(-1)]
-        out[untouched] = boxes[untouched]
-        return out
-
-    def predict(self, features: np.ndarray, boxes: np.ndarray, labels: np.ndarray) -> np.ndarray:
-        """Refined boxes [N, 4] float32: each box moved by its class's regressor."""
-        boxes = _boxes(boxes, "BoxRegressor.predict: boxes")
-        deltas = self.predict_deltas(features, labels)
-        if len(boxes) != len(deltas):
-            raise ValueError(f"BoxRegressor.predict: {len(boxes)} boxes but {len(deltas)} feature rows")
-        out = decode(boxes, deltas)
+        d = deltas.detach().cpu().numpy() if isinstance(deltas, torch.Tensor) else np.asarray(deltas)
+        if len(d) != len(boxes):
+            raise ValueError(f"BoxRegressor.apply: {len(boxes)} boxes but {len(d)} deltas")
+        out = decode(boxes, d)
         untouched = ~self.trained[np.asarray(labels, np.int64).reshape(-1)] if len(boxes) else np.zeros(0, bool)
         out[untouched] = boxes[untouched]
         return out
+
+    def predict(self, features, boxes: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        """Refined boxes [N, 4] float32: each box moved by its class's regressor (in float64)."""
+        x = torch.as_tensor(np.asarray(features, np.float64)) if not isinstance(features, torch.Tensor) \
+            else features.double()
+        return self.apply(boxes, self.deltas(x, labels), labels)
 
     def to_arrays(self, prefix: str = "bbox_") -> dict[str, np.ndarray]:
         """Plain arrays for a model file (no pickles)."""

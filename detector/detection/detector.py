@@ -1,5 +1,11 @@
 """The trained detector: one self-contained file, `load()`, and `detect()`.
 
+`SPPDetector` is built from three objects, as torchvision's detectors are: a feature
+extractor (the conv trunk at the model's scales), a `WindowEmbedder` (projection, SPP, the
+pool5 constant and the fc head) and a `WindowPredictor` (SVMs and box regressors).
+`detect()` reads top to bottom as the paper's test pipeline: image -> proposals -> conv
+maps -> windows -> embedded windows -> scores and deltas -> NMS.
+
 File format (detector.core.model_file): safetensors (tensors only, so loading never
 unpickles anything) whose JSON header metadata holds the format name and
 version, the resolved config, the class names and the backbone's id and
@@ -16,19 +22,18 @@ from typing import Optional, Sequence, Union
 import numpy as np
 import torch
 
-from detector.core.backbones import Backbone, build_backbone
-from detector.detection.bbox_regression import BoxRegressor
 from detector.config import Config, ConfigError, apply_test_overrides
+from detector.core.backbones import Backbone, build_backbone
+from detector.core.boxes import check_boxes
 from detector.core.embedder import WindowEmbedder, distinct_windows, layer_dim
-from detector.errors import ModelFormatError
-from detector.core.model_file import (check_tensors, expected_state, load_module, load_trunk, model_meta, module_tensors,
-                         positive_scalar, read_model, write_model_file)
 from detector.core.features import FeatureExtractor, ScaleFeatures
 from detector.core.heads import FCHead
-from detector.images import load_image
-from detector.core.pooling import pool_windows
+from detector.core.model_file import (check_tensors, expected_state, load_module, load_trunk, model_meta,
+                                      module_tensors, positive_scalar, read_model, write_model_file)
 from detector.detection.postprocess import class_thresholds, finalize_detections, select_detections
-from detector.core.projection import check_boxes
+from detector.detection.predictor import WindowPredictor
+from detector.errors import ModelFormatError
+from detector.images import load_image
 from detector.timing import NO_TIMER, StageTimer
 
 FORMAT = "sppnet-detector"
@@ -45,33 +50,27 @@ def empty_result() -> dict:
 class SPPDetector:
     """image -> proposals -> conv features -> SPP -> fc -> SVM scores + box regression -> NMS."""
 
-    def __init__(self, cfg: Config, class_names: Sequence[str], embedder: WindowEmbedder, svm_W: np.ndarray,
-                 svm_b: np.ndarray, regressor: Optional[BoxRegressor] = None, device: str = "auto"):
+    def __init__(self, cfg: Config, class_names: Sequence[str], embedder: WindowEmbedder, predictor: WindowPredictor,
+                 device: str = "auto"):
         self.cfg = cfg
         self.class_names = list(class_names)
         self.embedder = embedder
         if embedder.head is not None:
             embedder.head.eval()
-        self.svm_W = np.asarray(svm_W, np.float32)
-        self.svm_b = np.asarray(svm_b, np.float32)
-        self.regressor = regressor
+        self.predictor = predictor
         self.extractor = FeatureExtractor(embedder.backbone, cfg.features.scales, cfg.features.max_size, device)
-        if self.svm_W.shape != (embedder.feature_dim, len(self.class_names)):
-            raise ModelFormatError(f"SVM weights have shape {self.svm_W.shape}, which does not fit the "
-                                   f"{embedder.layer} features and {len(self.class_names)} classes")
+        if (predictor.feature_dim, predictor.num_classes) != (embedder.feature_dim, len(self.class_names)):
+            raise ModelFormatError(f"SVM weights have shape {(predictor.feature_dim, predictor.num_classes)}, which "
+                                   f"does not fit the {embedder.layer} features and {len(self.class_names)} classes")
+        if embedder.head is not None:
+            embedder.head.to(self.extractor.device)
         self.use_device_path(self.extractor.device.type != "cpu")
 
     def use_device_path(self, on: bool = True) -> None:
-        """Score on the extractor's device: fc, SVMs and box regression there in one pass per
-        chunk, one copy back (the default on a GPU).  Off: the host path, which on a CPU keeps
-        regression to the few kept windows.  Either runs on any device (tests run both on a CPU)."""
+        """Deltas of every window and class with the scores, one copy back per chunk: the default
+        on a GPU.  Off (the host path): only the kept windows are regressed, which on a CPU is
+        cheaper.  Either runs on any device (tests run both on a CPU)."""
         self.device_path = bool(on)
-        dev = self.extractor.device
-        if self.embedder.head is not None:
-            self.embedder.head.to(dev)
-        self._svm_t = (torch.from_numpy(self.svm_W).to(dev), torch.from_numpy(self.svm_b).to(dev))
-        if self.regressor is not None:
-            self.regressor.to_device(dev)
 
     def configure_test(self, overrides: Sequence[str]) -> None:
         """Apply `--set test.KEY=VALUE` items (only test settings can change for a trained model)
@@ -87,11 +86,6 @@ class SPPDetector:
         from detector.proposals import search_options, selective_search
 
         return selective_search(image, **search_options(self.cfg.proposals))
-
-    def svm_scores(self, feats) -> np.ndarray:
-        """[N, K] SVM scores of `embedder.embed()` features (a tensor or an array)."""
-        x = feats.numpy() if isinstance(feats, torch.Tensor) else np.asarray(feats, np.float32)
-        return x @ self.svm_W + self.svm_b[None, :]
 
     @torch.inference_mode()
     def detect(self, image, proposals: Optional[np.ndarray] = None,
@@ -111,87 +105,80 @@ class SPPDetector:
         Returns dict(boxes float32 [n, 4] x1 y1 x2 y2 in pixels, scores float32 [n],
         labels int64 [n] (indices into label_names), label_names list[str] [n]).
         """
+        tc = self.cfg.test
+        scorer = self._scorer(scorer)
+        regress = box_regression and self.predictor.regressor is not None
         timer.start()
         img = load_image(image)
         H, W = img.shape[:2]
-        if proposals is None:
-            proposals = self.proposals(img)
-        else:
-            proposals = check_boxes(proposals, W, H, "proposals").astype(np.float32)
+        boxes = self.proposals(img) if proposals is None else check_boxes(proposals, W, H, "proposals")
+        boxes = boxes.astype(np.float32, copy=False)
         timer.lap("proposals")
-        if len(proposals) == 0:
+        if len(boxes) == 0:
             warnings.warn(f"{image if isinstance(image, (str, Path)) else 'image'}: no proposals survived "
                           "filtering; no detections")
             return empty_result()
-        feats = self.extractor(img, timer=timer) if features is None else features
-        tc = self.cfg.test
-        scorer = tc.scorer if scorer is None else scorer
+        maps = self.extractor(img, timer=timer) if features is None else features
+        windows, row = distinct_windows(self.embedder.windows(maps, boxes))  # each distinct window once
+        scores, deltas, pool5 = self._predict(maps, windows, scorer, regress and self.device_path, timer)
+        nms_iou = tc.nms_iou if nms_iou is None else nms_iou
+        thr = class_thresholds(tc.score_thresh if score_thresh is None else score_thresh, self.class_names)
+        sel = select_detections(boxes, scores[row], thr, nms_iou, tc.max_per_image if max_per_image is None
+                                else max_per_image)
+        timer.lap("nms")
+        kept = boxes[sel.indices]
+        if regress and len(sel):
+            rows = row[sel.indices]
+            if deltas is None:  # the host path: only the kept windows, in float64
+                p5 = pool5[torch.from_numpy(rows)] if pool5 is not None else \
+                    self.embedder.pool5_windows(maps, windows[rows])
+                deltas = self.predictor.deltas(p5.double(), sel.labels)
+            else:
+                deltas = deltas[rows, sel.labels]
+            kept = self.predictor.refine(kept, deltas, sel.labels)
+        timer.lap("bbox")
+        out = finalize_detections(kept, sel.scores, sel.labels, (W, H), nms_iou, tc.second_nms, sel.indices)
+        timer.lap("nms")
+        timer.count("proposals", len(boxes))
+        timer.count("windows", len(windows))
+        return {"boxes": out["boxes"], "scores": out["scores"], "labels": out["labels"],
+                "label_names": [self.class_names[k] for k in out["labels"]]}
+
+    def _scorer(self, scorer: Optional[str]) -> str:
+        scorer = self.cfg.test.scorer if scorer is None else scorer
         if scorer not in ("svm", "softmax"):
             raise ConfigError(f"scorer must be 'svm' or 'softmax', got {scorer!r}")
         if scorer == "softmax" and self.embedder.head is None:
             raise ConfigError("scorer 'softmax' needs the fine-tuned fc layers; this model has none")
-        regress = box_regression and self.regressor is not None
-        scores, deltas, pool5, distinct, row = self._score_windows(feats, proposals, scorer, regress, timer)
-        scores = scores[row]
-        nms_iou = tc.nms_iou if nms_iou is None else nms_iou
-        thr = class_thresholds(tc.score_thresh if score_thresh is None else score_thresh, self.class_names)
-        sel = select_detections(proposals, scores, thr, nms_iou, tc.max_per_image if max_per_image is None
-                                else max_per_image)
-        timer.lap("nms")
-        kept = proposals[sel.indices]
-        if regress and len(sel):
-            if deltas is not None:  # computed with the scores, on the device
-                kept = self.regressor.apply(kept, deltas[row[sel.indices], sel.labels], sel.labels)
-            else:
-                rows = row[sel.indices]
-                p5 = pool5[torch.from_numpy(rows)] if pool5 is not None else \
-                    pool_windows(feats, distinct[rows], self.embedder.levels).mul_(self.embedder.pool5_scale)
-                kept = self.regressor.predict(p5.numpy(), kept, sel.labels)
-        timer.lap("bbox")
-        out = finalize_detections(kept, sel.scores, sel.labels, (W, H), nms_iou, tc.second_nms, sel.indices)
-        timer.lap("nms")
-        timer.count("proposals", len(proposals))
-        timer.count("windows", len(distinct))
-        return {"boxes": out["boxes"], "scores": out["scores"], "labels": out["labels"],
-                "label_names": [self.class_names[k] for k in out["labels"]]}
+        return scorer
 
-    def _score_windows(self, feats, proposals: np.ndarray, scorer: str, regress: bool, timer: StageTimer):
-        """Scores [U, K] (numpy) of the distinct windows among the proposals, and `row` [N]
-        mapping each proposal to its window.  Windows go through pooling, fc and scoring
-        WINDOW_CHUNK at a time, so any number of proposals fits in memory.
-
-        Host (CPU) path: also pool5 of the distinct windows when they fit in one chunk (box
-        regression reads the kept ones), else None and the kept windows are pooled again.
-        Device path: box-regression deltas [U, K, 4] of every window and class are computed
-        with the scores, and scores and deltas come back to the host in one copy per chunk."""
+    def _predict(self, maps, windows: np.ndarray, scorer: str, all_deltas: bool, timer: StageTimer):
+        """(scores [U, K], deltas [U, K, 4] or None, pool5 [U, D] or None) of the distinct windows,
+        WINDOW_CHUNK at a time so that any number of proposals fits in memory.  With
+        `all_deltas` (the device path) every window's deltas for every class come back with the
+        scores in one copy per chunk; else pool5 is kept (when it fits in one chunk) for the
+        kept windows' regression."""
         emb = self.embedder
-        distinct, row = self._distinct(emb.windows(feats, proposals))
-        on_device = self.device_path
         scores, deltas, pool5 = [], [], None
-        for s in range(0, len(distinct), WINDOW_CHUNK):
-            p5 = pool_windows(feats, distinct[s:s + WINDOW_CHUNK], emb.levels).mul_(emb.pool5_scale)
+        for s in range(0, len(windows), WINDOW_CHUNK):
+            p5 = emb.pool5_windows(maps, windows[s:s + WINDOW_CHUNK])
             timer.lap("spp")
             if scorer == "softmax":
-                sc = torch.softmax(emb.head(p5), dim=1)[:, 1:]
-                timer.lap("fc")
+                sc = emb.class_probabilities(p5)[:, 1:]
             else:
                 x = emb.embed(p5)
                 timer.lap("fc")
-                sc = x @ self._svm_t[0] + self._svm_t[1] if on_device else self.svm_scores(x)
-            if on_device:
-                d = self.regressor.deltas_torch(p5) if regress else sc.new_zeros((len(sc), 0))
-                both = torch.cat([sc, d.flatten(1)], 1).cpu().numpy()  # the one device -> host copy
+                sc = self.predictor.scores(x)
+            if all_deltas:
+                d = self.predictor.deltas(p5).flatten(1) if self.predictor.regressor is not None else sc[:, :0]
+                both = torch.cat([sc, d], 1).cpu().numpy()  # the one device -> host copy
                 scores.append(both[:, : sc.shape[1]])
-                deltas.append(both[:, sc.shape[1]:].reshape(len(sc), -1, 4) if regress else None)
+                deltas.append(both[:, sc.shape[1]:].reshape(len(sc), -1, 4))
             else:
-                scores.append(sc.numpy() if isinstance(sc, torch.Tensor) else sc)
-                pool5 = p5 if len(distinct) <= WINDOW_CHUNK else None
+                scores.append(sc.cpu().numpy())
+                pool5 = p5 if len(windows) <= WINDOW_CHUNK else None
             timer.lap("svm" if scorer == "svm" else "fc")
-        deltas = np.concatenate(deltas) if on_device and regress else None
-        return np.concatenate(scores), deltas, pool5, distinct, row
-
-    # Boxes a few pixels apart often project onto the same cells: pooled and scored once.
-    _distinct = staticmethod(distinct_windows)
+        return np.concatenate(scores), (np.concatenate(deltas) if all_deltas else None), pool5
 
     # ------------------------------------------------------------------ file
     def save(self, path: Union[str, Path]) -> None:
@@ -199,13 +186,9 @@ class SPPDetector:
         tensors = module_tensors("trunk.", bb.trunk)
         if emb.head is not None:
             tensors.update(module_tensors("head.", emb.head))
-        tensors["svm_W"] = torch.from_numpy(np.ascontiguousarray(self.svm_W))
-        tensors["svm_b"] = torch.from_numpy(np.ascontiguousarray(self.svm_b))
+        tensors.update(self.predictor.tensors())
         tensors["pool5_scale"] = torch.tensor([emb.pool5_scale], dtype=torch.float64)
         tensors["svm_scale"] = torch.tensor([emb.feature_scale], dtype=torch.float64)
-        if self.regressor is not None:
-            tensors.update({k: torch.from_numpy(np.ascontiguousarray(v))
-                            for k, v in self.regressor.to_arrays().items()})
         write_model_file(path, FORMAT, FORMAT_VERSION, model_meta(self.cfg, self.class_names, bb, emb.head), tensors)
 
     @classmethod
@@ -219,25 +202,18 @@ class SPPDetector:
         if cfg.finetune.enabled:
             expected.update(FCHead.expected_state(pool5_dim, cfg.finetune.fc_dims, K, "head."))
         D = layer_dim(cfg.svm.layer if cfg.finetune.enabled else "pool5", pool5_dim, cfg.finetune.fc_dims)
-        expected.update({"svm_W": ((D, K), torch.float32), "svm_b": ((K,), torch.float32),
-                         "pool5_scale": ((1,), torch.float64), "svm_scale": ((1,), torch.float64)})
-        if any(k.startswith("bbox_") for k in tensors):
-            expected.update({f"bbox_{k}": (shape, dtype) for k, (shape, dtype) in
-                             BoxRegressor.expected_arrays(K, pool5_dim).items()})
+        expected.update(WindowPredictor.expected_tensors(D, K, pool5_dim, any(k.startswith("bbox_") for k in tensors)))
+        expected.update({"pool5_scale": ((1,), torch.float64), "svm_scale": ((1,), torch.float64)})
         check_tensors(path, tensors, expected)
         head = None
         if cfg.finetune.enabled:  # sizes now known to match the file's tensors
             head = FCHead(pool5_dim, cfg.finetune.fc_dims, K, cfg.finetune.dropout)
-        embedder = WindowEmbedder.from_config(cfg, backbone, head)
         load_trunk(path, bmeta, backbone, tensors)
         if head is not None:
             load_module("head.", head, tensors)
-        embedder.pool5_scale = positive_scalar(path, tensors, "pool5_scale")
-        embedder.feature_scale = positive_scalar(path, tensors, "svm_scale")
-        regressor = None
-        if "bbox_weights" in tensors:
-            regressor = BoxRegressor.from_arrays({k: v.numpy() for k, v in tensors.items() if k.startswith("bbox_")})
-        return cls(cfg, names, embedder, tensors["svm_W"].numpy(), tensors["svm_b"].numpy(), regressor, device)
+        embedder = WindowEmbedder.from_config(cfg, backbone, head, positive_scalar(path, tensors, "pool5_scale"),
+                                              positive_scalar(path, tensors, "svm_scale"))
+        return cls(cfg, names, embedder, WindowPredictor.from_tensors(tensors), device)
 
 
 def load(path: Union[str, Path], device: str = "auto") -> SPPDetector:

@@ -103,18 +103,7 @@ def sample_feature_rows(
 
 
 # ----------------------------------------------------------------------------
-# scoring, objective, solver
-
-
-def svm_scores(features: np.ndarray, W: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """[M, D] x ([D, K], [K]) -> [M, K] float32 SVM scores."""
-    features = np.asarray(features, dtype=np.float32)
-    W = np.asarray(W, dtype=np.float32)
-    b = np.asarray(b, dtype=np.float32)
-    if features.ndim != 2 or W.ndim != 2 or features.shape[1] != W.shape[0] or b.shape != (W.shape[1],):
-        raise ValueError(
-            f"svm_scores: shapes do not fit: features {features.shape}, W {W.shape}, b {b.shape}")
-    return features @ W + b
+# objective, solver
 
 
 def svm_objective(w: np.ndarray, b: float, X_pos: np.ndarray, X_neg: np.ndarray, C: float,

@@ -41,7 +41,12 @@ def draw_detections(image, result: dict, score_thresh: float = 0.0, gt_boxes: Se
 
 
 def save_detections(image, result: dict, path: str | Path, score_thresh: float = 0.0, gt_boxes=None) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    draw_detections(image, result, score_thresh, gt_boxes).save(path)
-    return path
+    """The drawn image as a PNG at `path`, written atomically."""
+    import io
+
+    from detector.cache import atomic_write_bytes
+
+    buf = io.BytesIO()
+    draw_detections(image, result, score_thresh, gt_boxes).save(buf, format="PNG")
+    atomic_write_bytes(path, buf.getvalue())
+    return Path(path)

@@ -3,6 +3,7 @@ of each image, as in Hosang et al., "What makes for effective detection proposal
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Mapping, Optional, Sequence
 
 import numpy as np
@@ -153,7 +154,10 @@ def plot_recall(curves: Mapping[str, Mapping], path, ious: Sequence[float] = (0.
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    from detector.cache import writing_to
+
+    with writing_to(Path(path).parent, Path(path).name):
+        fig.savefig(path, dpi=100)
     plt.close(fig)
 
 

@@ -20,9 +20,9 @@ from typing import Iterable, Optional, Sequence, Union
 
 import numpy as np
 
-from detector.cache import atomic_save_npz, atomic_write_json, file_digest, load_npz, params_digest
+from detector.cache import atomic_save_npz, atomic_write_json, file_digest, load_npz, make_dir, params_digest
 from detector.datasets.records import ImageRecord
-from detector.errors import DatasetError, ProposalsError
+from detector.errors import DatasetError, DiskError, ProposalsError
 from detector.images import ImageError
 from . import search as _ss
 
@@ -44,7 +44,7 @@ class ProposalStore:
         self.params = cache_params(self.options)
         self.key = params_digest(self.params)
         self.dir = Path(cache_dir) / self.key
-        self.dir.mkdir(parents=True, exist_ok=True)
+        make_dir(self.dir)
         meta = self.dir / "params.json"
         if not meta.exists():
             atomic_write_json(meta, self.params)
@@ -102,6 +102,8 @@ def _worker(task: tuple) -> tuple:
     t0 = time.perf_counter()
     try:
         boxes = _compute_and_store(path, cache_file, options)
+    except DiskError:  # a full disk is not a bad image: it stops the run
+        raise
     except Exception as e:  # one bad image must not lose the others' work
         msg = str(e)
         if msg.startswith(path + ": "):  # ImageError already names the file; the caller does too

@@ -16,7 +16,6 @@ every `checkpoint_every` iterations; a rerun resumes from the last one.
 """
 from __future__ import annotations
 
-import io
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,15 +26,15 @@ import torch
 import torch.nn.functional as F
 from detector.progress import progress_bar
 
-from detector.cache import atomic_write_bytes
+from detector.cache import load_checkpoint, save_checkpoint
 from detector.config import ConfigError, FinetuneConfig
-from detector.core.embedder import WindowEmbedder, norm_scale
+from detector.core.boxes import mirror_boxes
+from detector.core.embedder import StackedMaps, WindowEmbedder
 from detector.distributed import world
 from detector.errors import DatasetError
 from detector.core.features import ScaleFeatures
 from detector.core.heads import FCHead
 from detector.detection.matching import Windows
-from detector.core.pooling import StackedMaps
 
 log = logging.getLogger(__name__)
 
@@ -52,13 +51,6 @@ FeatureGetter = Callable[[int, bool], Sequence[ScaleFeatures]]  # (image index, 
 PairPooler = Callable[[np.ndarray, np.ndarray, Optional[np.ndarray]], torch.Tensor]  # (pairs, flips, scales)
 
 
-def mirror_boxes(boxes: np.ndarray, width: int) -> np.ndarray:
-    out = boxes.copy()
-    out[:, 0] = width - boxes[:, 2]
-    out[:, 2] = width - boxes[:, 0]
-    return out
-
-
 def sample_pools(images: Sequence[TrainImage], fg_iou: float, bg_lo: float) -> tuple[np.ndarray, np.ndarray]:
     """(image, row) pairs of all foreground and background windows."""
     fg, bg = [], []
@@ -72,13 +64,11 @@ def sample_pools(images: Sequence[TrainImage], fg_iou: float, bg_lo: float) -> t
 
 
 def window_labels(images: Sequence[TrainImage], pairs: np.ndarray, fg_iou: float) -> np.ndarray:
-    """Softmax targets: 1 + class of the best GT for foreground, 0 for background."""
+    """Softmax targets of (image, row) pairs: 1 + the matched class for foreground, 0 for background."""
     out = np.zeros(len(pairs), np.int64)
-    for k, (i, r) in enumerate(pairs):
-        w = images[i].windows
-        if w.max_iou[r] >= fg_iou:
-            gt_rows = np.nonzero(w.is_gt)[0]
-            out[k] = 1 + w.gt_labels[gt_rows[w.best_gt[r]]]
+    for i in np.unique(pairs[:, 0]):
+        sel = np.flatnonzero(pairs[:, 0] == i)
+        out[sel] = images[i].windows.softmax_targets(pairs[sel, 1], fg_iou)
     return out
 
 
@@ -110,42 +100,35 @@ def stacked_pooler(embedder: WindowEmbedder, images: Sequence[TrainImage], maps:
     def pool(pairs: np.ndarray, flips: np.ndarray, scales: Optional[np.ndarray]) -> torch.Tensor:
         boxes = np.stack([images[i].windows.boxes[r] for i, r in pairs]).astype(np.float64)
         f = flips.astype(bool)
-        w = widths[pairs[f, 0]]
-        boxes[f, 0], boxes[f, 2] = w - boxes[f, 2], w - boxes[f, 0]
+        boxes[f] = mirror_boxes(boxes[f], widths[pairs[f, 0]])
         slots = pairs[:, 0] * 2 + flips.astype(np.int64)
-        v = maps.pool(embedder.backbone, embedder.levels, embedder.projection, slots, boxes, scales)
-        return v.mul_(embedder.pool5_scale)
+        return embedder.pool5_stacked(maps, slots, boxes, scales)
 
     return pool
 
 
-def estimate_pool5_scale(embedder: WindowEmbedder, images: Sequence[TrainImage], get_features: FeatureGetter,
-                         target: float = 20.0, samples: int = 2000, seed: int = 0) -> float:
-    """The constant that brings pool5 vectors to mean L2 norm `target` (R-CNN's norm-20
-    rescaling), from `samples` windows drawn with a fixed seed over all training images."""
+def pool5_sample(images: Sequence[TrainImage], get_features: FeatureGetter, samples: int = 2000,
+                 seed: int = 0) -> Callable[[WindowEmbedder], torch.Tensor]:
+    """What `WindowEmbedder.fit_pool5_scale` estimates pool5's constant from: `samples` windows
+    drawn with a fixed seed over all training images, pooled through the embedder given."""
     rng = np.random.default_rng(seed)
     pairs = np.concatenate([np.stack([np.full(len(im.windows.boxes), i), np.arange(len(im.windows.boxes))], 1)
                             for i, im in enumerate(images)])
     pick = pairs[rng.choice(len(pairs), size=min(samples, len(pairs)), replace=False)]
     pick = pick[np.lexsort((pick[:, 1], pick[:, 0]))]
-    unscaled = WindowEmbedder(embedder.backbone, embedder.levels, embedder.scale_rule, embedder.projection)
-    v = pool_pairs(unscaled, images, pick, np.zeros(len(pick), bool), None, get_features)
-    return norm_scale(v, target, "pool5 features")
+    return lambda embedder: pool_pairs(embedder, images, pick, np.zeros(len(pick), bool), None, get_features)
 
 
 def _save_checkpoint(path: Path, head: FCHead, opt: torch.optim.Optimizer, it: int, rng: np.random.Generator) -> None:
-    if not world().main:  # every rank holds the same state; one file
-        return
-    buf = io.BytesIO()
-    torch.save({"iteration": it, "head": head.state_dict(), "optimizer": opt.state_dict(),
-                "rng": rng.bit_generator.state}, buf)
-    atomic_write_bytes(path, buf.getvalue())
+    if world().main:  # every rank holds the same state; one file
+        save_checkpoint(path, {"iteration": it, "head": head.state_dict(), "optimizer": opt.state_dict(),
+                               "rng": rng.bit_generator.state})
 
 
 def _resume(checkpoint: Optional[Path], head: FCHead, opt: torch.optim.Optimizer, rng: np.random.Generator) -> int:
-    if checkpoint is None or not Path(checkpoint).is_file():
+    state = None if checkpoint is None else load_checkpoint(checkpoint)
+    if state is None:
         return 0
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
     head.load_state_dict(state["head"])
     opt.load_state_dict(state["optimizer"])
     rng.bit_generator.state = state["rng"]
@@ -153,8 +136,27 @@ def _resume(checkpoint: Optional[Path], head: FCHead, opt: torch.optim.Optimizer
     return int(state["iteration"])
 
 
-def _window_pools(images: Sequence[TrainImage], fc: FinetuneConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(foreground pairs, background pairs, foreground labels) to draw batches from."""
+@dataclass
+class WindowPools:
+    """The (image, row) pairs batches are drawn from, and the foreground ones' softmax targets."""
+    fg: np.ndarray  # [F, 2]
+    bg: np.ndarray  # [B, 2]
+    fg_labels: np.ndarray  # [F] 1 + class
+
+
+@dataclass
+class Batch:
+    """One global fine-tuning batch: windows, their targets, flips and scale indices."""
+    pairs: np.ndarray
+    labels: np.ndarray
+    flips: np.ndarray
+    scales: Optional[np.ndarray]
+
+
+def window_pools(images: Sequence[TrainImage], fc: FinetuneConfig) -> WindowPools:
+    """Foreground (IoU >= fg_iou, GT boxes included) and background (IoU in [bg_iou_lo, fg_iou),
+    proposals only) windows of every image; with no window in the background range, every
+    proposal below fg_iou, with a warning."""
     fg, bg = sample_pools(images, fc.fg_iou, fc.bg_iou_lo)
     if len(fg) == 0:
         raise DatasetError("fine-tuning: no foreground windows (IoU >= %.2f with a ground-truth box) in the "
@@ -165,7 +167,23 @@ def _window_pools(images: Sequence[TrainImage], fc: FinetuneConfig) -> tuple[np.
         fg, bg = sample_pools(images, fc.fg_iou, 0.0)
         if len(bg) == 0:
             raise DatasetError("fine-tuning: no background windows at all; are the proposals missing?")
-    return fg, bg, window_labels(images, fg, fc.fg_iou)
+    return WindowPools(fg, bg, window_labels(images, fg, fc.fg_iou))
+
+
+def draw_batch(rng: np.random.Generator, pools: WindowPools, fc: FinetuneConfig, n_scales: int) -> Batch:
+    """fc.batch_size windows drawn uniformly, with replacement, across all images: round(batch x
+    fg_fraction) (at least one) from the foreground pool, the rest from the background pool
+    (paper: 128, 25%); each flipped with probability 0.5 (fc.flip) and, with several scales,
+    pooled at a random one."""
+    n_fg = max(1, int(round(fc.batch_size * fc.fg_fraction)))
+    n_bg = fc.batch_size - n_fg
+    fi = rng.integers(0, len(pools.fg), n_fg)
+    bi = rng.integers(0, len(pools.bg), n_bg)
+    pairs = np.concatenate([pools.fg[fi], pools.bg[bi]])
+    labels = np.concatenate([pools.fg_labels[fi], np.zeros(n_bg, np.int64)])
+    flips = rng.random(fc.batch_size) < 0.5 if fc.flip else np.zeros(fc.batch_size, bool)
+    scales = rng.integers(0, n_scales, fc.batch_size) if n_scales > 1 else None
+    return Batch(pairs, labels, flips, scales)
 
 
 def finetune(head: FCHead, images: Sequence[TrainImage], pool: PairPooler, fc: FinetuneConfig, n_scales: int,
@@ -183,7 +201,7 @@ def finetune(head: FCHead, images: Sequence[TrainImage], pool: PairPooler, fc: F
     w = world()
     if w.size > fc.batch_size:
         raise ConfigError(f"finetune.batch_size ({fc.batch_size}) is smaller than the number of processes ({w.size})")
-    fg, bg, fg_labels = _window_pools(images, fc)
+    pools = window_pools(images, fc)
     model = head
     if w.distributed:
         from torch.nn.parallel import DistributedDataParallel
@@ -192,9 +210,7 @@ def finetune(head: FCHead, images: Sequence[TrainImage], pool: PairPooler, fc: F
     opt = torch.optim.SGD(head.parameters(), lr=fc.lr, momentum=fc.momentum, weight_decay=fc.weight_decay)
     rng = np.random.default_rng(seed)
     start = _resume(checkpoint, head, opt, rng)
-    n_fg = max(1, int(round(fc.batch_size * fc.fg_fraction)))
-    n_bg = fc.batch_size - n_fg
-    mine = torch.from_numpy(np.array_split(np.arange(fc.batch_size), w.size)[w.rank])  # this rank's batch rows
+    mine = np.array_split(np.arange(fc.batch_size), w.size)[w.rank]  # this rank's batch rows
     device = next(head.parameters()).device
     head.train()
     losses, accs = [], []
@@ -204,14 +220,11 @@ def finetune(head: FCHead, images: Sequence[TrainImage], pool: PairPooler, fc: F
         lr = fc.lr * (0.1 ** sum(it >= s for s in fc.lr_steps))
         for g in opt.param_groups:
             g["lr"] = lr
-        fi = rng.integers(0, len(fg), n_fg)
-        bi = rng.integers(0, len(bg), n_bg)
-        pairs = np.concatenate([fg[fi], bg[bi]])[mine.numpy()]
-        labels = torch.from_numpy(np.concatenate([fg_labels[fi], np.zeros(n_bg, np.int64)]))[mine].to(device)
-        flips = (rng.random(fc.batch_size) < 0.5 if fc.flip else np.zeros(fc.batch_size, bool))[mine.numpy()]
-        scales = rng.integers(0, n_scales, fc.batch_size)[mine.numpy()] if n_scales > 1 else None
+        b = draw_batch(rng, pools, fc, n_scales)
+        labels = torch.from_numpy(b.labels[mine]).to(device)
         masks = head.dropout_masks(fc.batch_size, torch.Generator().manual_seed(seed * 1_000_003 + it))
-        logits = model(pool(pairs, flips, scales), tuple(m[mine].to(device) for m in masks))
+        v = pool(b.pairs[mine], b.flips[mine], None if b.scales is None else b.scales[mine])
+        logits = model(v, tuple(m[torch.from_numpy(mine)].to(device) for m in masks))
         ce = F.cross_entropy(logits, labels, reduction="sum")
         opt.zero_grad()
         (ce * (w.size / fc.batch_size)).backward()
@@ -225,6 +238,7 @@ def finetune(head: FCHead, images: Sequence[TrainImage], pool: PairPooler, fc: F
     if checkpoint is not None:
         _save_checkpoint(Path(checkpoint), head, opt, fc.iterations, rng)
     head.eval()
-    return {"iterations": fc.iterations, "foreground_windows": int(len(fg)), "background_windows": int(len(bg)),
+    return {"iterations": fc.iterations, "foreground_windows": int(len(pools.fg)),
+            "background_windows": int(len(pools.bg)),
             "final_loss": float(np.mean(losses[-50:])) if losses else None,
             "final_accuracy": float(np.mean(accs[-50:])) if accs else None}

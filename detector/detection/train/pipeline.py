@@ -24,22 +24,23 @@ import torch
 
 from detector.core.backbones import Backbone, build_backbone
 from detector.detection.bbox_regression import BoxRegressor, train_box_regressors
-from detector.cache import atomic_save_npz, file_digest, load_npz, params_digest
+from detector.cache import atomic_save_npz, atomic_write_text, file_digest, load_npz, make_dir, params_digest
 from detector.config import Config
 from detector.datasets import load_dataset
 from detector.datasets.records import Dataset
-from detector.core.embedder import WindowEmbedder
+from detector.core.embedder import StackedMaps, WindowEmbedder
 from detector.errors import CacheError, DatasetError
 from detector.distributed import (all_gather, all_local_cores, barrier, broadcast, check_same_config, check_shared_folder, fault_point,
                           log_shard, shard, world)
-from detector.core.features import FeatureCache, FeatureExtractor, MapMemory, extract_all
-from detector.detection.train.finetune import TrainImage, estimate_pool5_scale, finetune, pool_pairs, stacked_pooler
+from detector.core.feature_cache import FeatureCache, MapMemory, extract_all
+from detector.core.features import FeatureExtractor
+from detector.detection.train.finetune import TrainImage, finetune, pool5_sample, pool_pairs, stacked_pooler
 from detector.core.heads import FCHead
 from detector.proposals.files import dataset_proposals
-from detector.detection.matching import label_windows
+from detector.detection.matching import match_windows
 from detector.detection.detector import SPPDetector
-from detector.core.pooling import StackedMaps
-from detector.detection.train.stages import STAGES, StageRecords, data_digest, relevant_config, stage_digests
+from detector.detection.predictor import WindowPredictor
+from detector.detection.train.stages import STAGE_NAMES, STAGES, StageRecords, data_digest, relevant_config, stage_digests
 from detector.detection.svm import format_summary, train_svms
 from detector.detection.train.rows import RowStore, regression_examples, svm_feature_scale, svm_images, write_rows
 
@@ -87,8 +88,11 @@ class TrainRun:
         return mine
 
     def stale(self, name: str) -> bool:
-        stage = PIPELINE[STAGES.index(name)]
-        return stage.reuse is None or not self.records.fresh(name, self.digests[name], stage.files(self))
+        """Whether stage `name` has to run: always for one that is not reusable, else when its
+        record's digest differs or one of its output files is gone."""
+        spec = STAGES[STAGE_NAMES.index(name)]
+        files = [self.run / f for f in spec.outputs(self.cfg)]
+        return not spec.reusable or not self.records.fresh(name, self.digests[name], files)
 
 
 # --------------------------------------------------------------------------- the stages
@@ -109,7 +113,7 @@ def run_proposals(r: TrainRun) -> dict:
             empty += 1
             boxes = np.zeros((0, 4), np.float32)
         r.images.append(TrainImage(rec.path, rec.width, rec.height,
-                                   label_windows(rec.boxes, rec.labels, boxes, len(r.ds.class_names))))
+                                   match_windows(rec.boxes, rec.labels, boxes, len(r.ds.class_names))))
     if empty:
         log.warning("%d training images have no proposals; only their ground-truth boxes are used", empty)
     return {"boxes_per_image": float(np.mean([len(v) for v in props.values()])) if props else 0.0,
@@ -127,8 +131,9 @@ def run_features(r: TrainRun) -> dict:
     return {"cache": str(r.fcache.dir), "computed": stats["computed"], "cached": stats["cached"]}
 
 
-def _head(r: TrainRun, pool5_dim: int) -> FCHead:
+def _head(r: TrainRun) -> FCHead:
     ft = r.cfg.finetune
+    pool5_dim = WindowEmbedder.from_config(r.cfg, r.backbone).pool5_dim
     return FCHead(pool5_dim, ft.fc_dims, len(r.ds.class_names), ft.dropout).to(r.fcache.extractor.device)
 
 
@@ -154,11 +159,11 @@ def _pooler(r: TrainRun):
 
 def run_finetune(r: TrainRun) -> dict:
     cfg = r.cfg
-    unscaled = WindowEmbedder.from_config(cfg, r.backbone)
-    scale = broadcast(estimate_pool5_scale(unscaled, r.images, r.features, cfg.svm.target_norm, seed=cfg.seed)
-                      if world().main else None)
-    head = _head(r, unscaled.pool5_dim) if cfg.finetune.enabled else None
-    r.embedder = WindowEmbedder.from_config(cfg, r.backbone, head, pool5_scale=scale)
+    head = _head(r) if cfg.finetune.enabled else None
+    r.embedder = WindowEmbedder.from_config(cfg, r.backbone, head)
+    sample = pool5_sample(r.images, r.features, seed=cfg.seed)
+    scale = broadcast(r.embedder.fit_pool5_scale(sample, cfg.svm.target_norm) if world().main else None)
+    r.embedder.pool5_scale = scale
     info: dict = {"pool5_scale": scale}
     arrays = {"pool5_scale": np.float64(scale)}
     if head is not None:
@@ -180,7 +185,7 @@ def reuse_finetune(r: TrainRun) -> None:
         raise CacheError(f"{r.run / 'finetune.npz'} is unreadable; delete it and run again")
     head = None
     if r.cfg.finetune.enabled:
-        head = _head(r, WindowEmbedder.from_config(r.cfg, r.backbone).pool5_dim)
+        head = _head(r)
         head.load_state_dict({k[5:]: torch.from_numpy(v).to(head.fc6.weight.device)
                               for k, v in z.items() if k.startswith("head.")})
         head.eval()
@@ -198,8 +203,8 @@ def _write_rows(r: TrainRun, want_svm: bool) -> float:
     t = time.perf_counter()
     svm_store, bbox_store = _row_stores(r)
     want_bbox = r.cfg.bbox.enabled and r.stale("bbox")
-    write_rows(r.embedder, r.images, [(rec.boxes, rec.labels) for rec in r.ds], r.features,
-               svm_store if want_svm else None, bbox_store if want_bbox else None, r.cfg.bbox.iou_thresh,
+    write_rows(r.embedder, r.images, r.features, svm_store if want_svm else None,
+               bbox_store if want_bbox else None, r.cfg.bbox.iou_thresh,
                r.progress, done=r.forget, indices=r.my_images("svm rows" if want_svm else "bbox rows"))
     r.maps.clear()
     barrier()  # every rank's rows are on disk
@@ -267,36 +272,36 @@ def run_model(r: TrainRun) -> dict:
         raise CacheError(f"{r.run / 'svm.npz'} is unreadable; delete it and run again")
     r.embedder.feature_scale = float(z["svm_scale"])
     regressor = BoxRegressor.from_arrays(load_npz(r.run / "bbox.npz")) if r.cfg.bbox.enabled else None
-    model = SPPDetector(r.cfg, r.ds.class_names, r.embedder, z["W"], z["b"], regressor, device=r.cfg.features.device)
+    predictor = WindowPredictor(z["W"], z["b"], regressor)
+    model = SPPDetector(r.cfg, r.ds.class_names, r.embedder, predictor, device=r.cfg.features.device)
     model.save(r.run / "model.safetensors")
     return {}
 
 
 @dataclass(frozen=True)
-class Stage:
-    name: str
+class Step:
+    """The code of one stage of `stages.STAGES`: `run` does the work and returns its summary;
+    `reuse` restores what later stages need from a reused stage's outputs."""
     run: Callable[[TrainRun], dict]
-    reuse: Optional[Callable[[TrainRun], None]] = None  # None: always run (its caches are content-keyed)
-    files: Callable[[TrainRun], list] = lambda r: []  # what must exist for a recorded run to count
+    reuse: Callable[[TrainRun], None] = lambda r: None
 
 
-PIPELINE = (
-    Stage("proposals", run_proposals),
-    Stage("features", run_features),
-    Stage("finetune", run_finetune, reuse_finetune, lambda r: [r.run / "finetune.npz"]),
-    Stage("svm", run_svm, lambda r: None, lambda r: [r.run / "svm.npz"]),
-    Stage("bbox", run_bbox, lambda r: None, lambda r: [r.run / "bbox.npz"] if r.cfg.bbox.enabled else []),
-    Stage("model", run_model, lambda r: None, lambda r: [r.run / "model.safetensors"]),
-)
-assert tuple(s.name for s in PIPELINE) == STAGES
+STEPS = {
+    "proposals": Step(run_proposals),
+    "features": Step(run_features),
+    "finetune": Step(run_finetune, reuse_finetune),
+    "svm": Step(run_svm),
+    "bbox": Step(run_bbox),
+    "model": Step(run_model),
+}
+PIPELINE = tuple((spec, STEPS[spec.name]) for spec in STAGES)  # a stage without code fails at import
 
 
 def prepare(dataset: str, run_dir: str, cfg: Config, train_split: str = "trainval", cache_root: str = "data/cache",
             progress: bool = True, image_dir: Optional[str] = None, proposals_file: Optional[str] = None) -> TrainRun:
     """Load the training set, build the backbone and feature cache, and compute every digest."""
     cfg = copy.deepcopy(cfg)  # the caller's config is never changed
-    run = Path(run_dir)
-    run.mkdir(parents=True, exist_ok=True)
+    run = make_dir(run_dir)
     ds = load_training_set(dataset, train_split, cfg, image_dir)
     cfg.classes = list(ds.class_names)
     w = world()
@@ -304,7 +309,7 @@ def prepare(dataset: str, run_dir: str, cfg: Config, train_split: str = "trainva
     check_shared_folder(Path(cache_root))
     check_shared_folder(run)
     if w.main:
-        (run / "config.yaml").write_text(cfg.dump())
+        atomic_write_text(run / "config.yaml", cfg.dump())
         print(f"training set: {len(ds)} images, {len(ds.class_names)} classes ({', '.join(ds.class_names)})"
               + (f"; {w.size} processes" if w.distributed else ""))
     r = TrainRun(cfg, run, Path(cache_root), ds, progress and w.main, StageRecords(run))
@@ -328,20 +333,20 @@ def train(dataset: str, run_dir: str, cfg: Config, train_split: str = "trainval"
           proposals_file: Optional[str] = None) -> Optional[Path]:
     """Run (or resume) the stages up to `stop_after`; returns the model file's path when it is
     written.  proposals_file: R-CNN .mat or our .npz boxes to train on instead of selective search."""
-    if stop_after not in STAGES:
-        raise ValueError(f"stop_after must be one of {', '.join(STAGES)}, got {stop_after!r}")
+    if stop_after not in STAGE_NAMES:
+        raise ValueError(f"stop_after must be one of {', '.join(STAGE_NAMES)}, got {stop_after!r}")
     r = prepare(dataset, run_dir, cfg, train_split, cache_root, progress, image_dir, proposals_file)
-    for stage in PIPELINE[: STAGES.index(stop_after) + 1]:
-        fault_point(stage.name)
-        if not r.stale(stage.name):
-            stage.reuse(r)
-            r.records.reuse(stage.name)
+    for spec, step in PIPELINE[: STAGE_NAMES.index(stop_after) + 1]:
+        fault_point(spec.name)
+        if not r.stale(spec.name):
+            step.reuse(r)
+            r.records.reuse(spec.name)
             if world().main:
-                print(f"{stage.name}: done before with the same inputs, reused")
+                print(f"{spec.name}: done before with the same inputs, reused")
             continue
         t = time.perf_counter()
-        info = stage.run(r)
-        r.records.finish(stage.name, r.digests[stage.name], time.perf_counter() - t, **info)
+        info = step.run(r)
+        r.records.finish(spec.name, r.digests[spec.name], time.perf_counter() - t, **info)
     if world().main:
         print(r.records.report())
     if stop_after != "model":

@@ -21,7 +21,6 @@ import numpy as np
 import torch
 from detector.progress import progress_bar
 
-from detector.detection.bbox_regression import select_regression_examples
 from detector.cache import atomic_save_npz, load_npz
 from detector.core.embedder import WindowEmbedder
 from detector.errors import CacheError
@@ -54,25 +53,22 @@ class RowStore:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def _regression_rows(p5: torch.Tensor, image: TrainImage, gt_boxes: np.ndarray, gt_labels: np.ndarray,
-                     iou: float) -> dict:
+def _regression_rows(p5: torch.Tensor, image: TrainImage, iou: float) -> dict:
     w = image.windows
-    ex = select_regression_examples(w.boxes[~w.is_gt], gt_boxes, gt_labels, iou) if len(gt_boxes) else None
-    if ex is None or not len(ex):
+    rows = w.regression_rows(iou)
+    if not len(rows):
         return {"x": np.zeros((0, p5.shape[1]), np.float16), "boxes": np.zeros((0, 4), np.float32),
                 "gt": np.zeros((0, 4), np.float32), "labels": np.zeros(0, np.int64)}
-    rows = np.where(ex.is_gt, ex.index, ex.index + len(gt_boxes))
-    return {"x": p5[torch.from_numpy(rows).to(p5.device)].cpu().numpy().astype(np.float16), "boxes": ex.boxes, "gt": ex.gt_boxes,
-            "labels": ex.labels}
+    x = p5[torch.from_numpy(rows).to(p5.device)].cpu().numpy().astype(np.float16)
+    return {"x": x, "boxes": w.boxes[rows], "gt": w.matched_boxes(rows), "labels": w.labels[rows]}
 
 
-def write_rows(embedder: WindowEmbedder, images: Sequence[TrainImage], gts: Sequence[tuple[np.ndarray, np.ndarray]],
-               get_features: FeatureGetter, svm: Optional[RowStore], bbox: Optional[RowStore], bbox_iou: float,
-               progress: bool = True, done: Callable[[int], None] = lambda i: None,
-               indices: Optional[Sequence[int]] = None) -> None:
+def write_rows(embedder: WindowEmbedder, images: Sequence[TrainImage], get_features: FeatureGetter,
+               svm: Optional[RowStore], bbox: Optional[RowStore], bbox_iou: float, progress: bool = True,
+               done: Callable[[int], None] = lambda i: None, indices: Optional[Sequence[int]] = None) -> None:
     """Write the missing row files of the images at `indices` (default: all; SVM rows into
-    `svm`, regression rows into `bbox`; either may be None).  gts: per image (GT boxes, GT
-    labels).  `done(i)` is called after image i, e.g. to drop its conv maps from memory."""
+    `svm`, regression rows into `bbox`; either may be None).  `done(i)` is called after image i,
+    e.g. to drop its conv maps from memory."""
     stores = [s for s in (svm, bbox) if s is not None]
     indices = range(len(images)) if indices is None else indices
     for i in progress_bar(indices, desc="SVM/regression rows", unit="img", disable=not progress):
@@ -81,7 +77,7 @@ def write_rows(embedder: WindowEmbedder, images: Sequence[TrainImage], gts: Sequ
             continue
         p5 = embedder.pool5(get_features(i, False), im.windows.boxes, name=f"windows of {im.path}")
         if bbox is not None and not bbox.has(i):
-            bbox.write(i, **_regression_rows(p5, im, gts[i][0], gts[i][1], bbox_iou))
+            bbox.write(i, **_regression_rows(p5, im, bbox_iou))
         if svm is not None and not svm.has(i):
             w = im.windows
             svm.write(i, x=embedder.embed(p5).cpu().numpy().astype(np.float16), gt_labels=w.gt_labels,

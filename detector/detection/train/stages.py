@@ -1,7 +1,13 @@
-"""The training stages, what each one's result depends on, and the record of finished ones.
+"""The training stages in order, what each one's result depends on, and the record of
+finished ones: the plan.  `detector.detection.train.pipeline` holds the code that runs
+each stage and the loop over them.
 
-Torch-free on purpose: `tools/train.py` imports `STAGES` for its `--stop-after` choices
+Torch-free on purpose: `tools/train.py` imports `STAGE_NAMES` for its `--stop-after` choices
 before it imports anything heavy (spawned selective-search workers re-import the script).
+
+A stage either always runs (`reusable=False`: proposals and conv maps live in content-keyed
+caches, so a rerun costs little and rebuilds what the later stages read) or is reused when
+its recorded digest is unchanged and its `outputs` (files in the run folder) exist.
 
 Each stage's digest hashes only the settings that change its result, plus the digests of
 the stages it reads from, so a change propagates downstream and nowhere else:
@@ -15,32 +21,45 @@ the stages it reads from, so a change propagates downstream and nowhere else:
     bbox       base + bbox settings
     model      svm + bbox + finetune + the whole config but the settings below
 
-Settings that never change a result: `proposals.workers`, `features.device`,
-`features.ram_cache_mb`, `finetune.checkpoint_every`, `backbone.download`, and the whole
-`classifier` section (it is image classification's, tools/train_classifier.py; detection never
-reads it).
+Settings that never change a result (`detector.config.RESULT_NEUTRAL`: `proposals.workers`,
+`features.device`, `features.ram_cache_mb`, `finetune.checkpoint_every`, `backbone.download`)
+and the whole `classifier` section (image classification's; detection never reads it) are
+left out of every digest.
 """
 from __future__ import annotations
 
-import copy
 import json
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from detector.cache import atomic_write_json, params_digest
 
-STAGES = ("proposals", "features", "finetune", "svm", "bbox", "model")
 
-# (section, key) pairs that only change how fast or where a stage runs, never its result.
-IRRELEVANT = (("proposals", "workers"), ("features", "device"), ("features", "ram_cache_mb"),
-              ("finetune", "checkpoint_every"), ("backbone", "download"))
+@dataclass(frozen=True)
+class StageSpec:
+    name: str
+    reusable: bool = True  # False: runs every time (its results live in content-keyed caches)
+    outputs: Callable[..., tuple] = lambda cfg: ()  # run-folder files a reused stage's record needs
 
+
+STAGES = (
+    StageSpec("proposals", reusable=False),
+    StageSpec("features", reusable=False),
+    StageSpec("finetune", outputs=lambda cfg: ("finetune.npz",)),
+    StageSpec("svm", outputs=lambda cfg: ("svm.npz",)),
+    StageSpec("bbox", outputs=lambda cfg: ("bbox.npz",) if cfg.bbox.enabled else ()),
+    StageSpec("model", outputs=lambda cfg: ("model.safetensors",)),
+)
+STAGE_NAMES = tuple(s.name for s in STAGES)
 
 def relevant_config(cfg) -> dict:
-    """The config as a dict, without the settings that never change a result."""
-    d = copy.deepcopy(cfg.to_dict())
-    for section, key in IRRELEVANT:
-        d[section].pop(key, None)
-    d.pop("classifier", None)  # classification's settings; no detection stage reads them
+    """The config as a dict, without the settings that never change a result
+    (`config.RESULT_NEUTRAL`) and without the classifier's section (no detection stage reads it)."""
+    from detector.config import result_settings
+
+    d = result_settings(cfg)
+    d.pop("classifier", None)
     return d
 
 

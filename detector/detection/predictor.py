@@ -1,0 +1,76 @@
+"""What a detector predicts for each window: class scores from the per-class linear SVMs
+(paper section 4.1) and box-regression deltas, together, on any device.
+
+`WindowPredictor` holds the SVM weights [D, K] and biases [K] and the `BoxRegressor`; it
+scores embedded windows (`WindowEmbedder.embed`: fc7 after ReLU, norm-scaled) and gives
+deltas of pool5 rows, on whatever device the rows are (torch throughout, so the host and the
+device path compute the same thing).  Its tensors go into the model file under `svm_*` and
+`bbox_*`.
+"""
+from __future__ import annotations
+
+from typing import Mapping, Optional
+
+import numpy as np
+import torch
+
+from detector.detection.bbox_regression import BoxRegressor
+from detector.errors import ModelFormatError
+
+
+class WindowPredictor:
+    def __init__(self, svm_W: np.ndarray, svm_b: np.ndarray, regressor: Optional[BoxRegressor] = None):
+        self.svm_W = np.ascontiguousarray(svm_W, np.float32)
+        self.svm_b = np.ascontiguousarray(svm_b, np.float32)
+        if self.svm_W.ndim != 2 or self.svm_b.shape != (self.svm_W.shape[1],):
+            raise ModelFormatError(f"SVM weights {self.svm_W.shape} and biases {self.svm_b.shape} do not fit")
+        self.regressor = regressor
+        self._svm: dict = {}
+
+    @property
+    def num_classes(self) -> int:
+        return self.svm_W.shape[1]
+
+    @property
+    def feature_dim(self) -> int:
+        return self.svm_W.shape[0]
+
+    def scores(self, features: torch.Tensor) -> torch.Tensor:
+        """SVM scores [N, K] of embedded windows [N, D], on their device."""
+        key = str(features.device)
+        if key not in self._svm:
+            self._svm[key] = (torch.from_numpy(self.svm_W).to(features.device),
+                              torch.from_numpy(self.svm_b).to(features.device))
+        W, b = self._svm[key]
+        return features @ W + b
+
+    def deltas(self, pool5: torch.Tensor, labels: Optional[np.ndarray] = None) -> torch.Tensor:
+        """Box-regression deltas of pool5 rows: [N, K, 4] for every class, or [N, 4] for each
+        row's class in `labels` (see BoxRegressor.deltas)."""
+        return self.regressor.deltas(pool5, labels)
+
+    def refine(self, boxes: np.ndarray, deltas, labels: np.ndarray) -> np.ndarray:
+        """Boxes moved by their own class's deltas (untrained classes leave boxes as they are)."""
+        return self.regressor.apply(boxes, deltas, labels)
+
+    # ------------------------------------------------------------------ file
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out = {"svm_W": torch.from_numpy(self.svm_W), "svm_b": torch.from_numpy(self.svm_b)}
+        if self.regressor is not None:
+            out.update({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in self.regressor.to_arrays().items()})
+        return out
+
+    @staticmethod
+    def expected_tensors(feature_dim: int, num_classes: int, pool5_dim: int, regression: bool) -> dict:
+        """(shape, dtype) of each tensor `tensors()` writes, without building anything."""
+        out = {"svm_W": ((feature_dim, num_classes), torch.float32), "svm_b": ((num_classes,), torch.float32)}
+        if regression:
+            out.update({f"bbox_{k}": v for k, v in BoxRegressor.expected_arrays(num_classes, pool5_dim).items()})
+        return out
+
+    @classmethod
+    def from_tensors(cls, tensors: Mapping[str, torch.Tensor]) -> "WindowPredictor":
+        regressor = None
+        if "bbox_weights" in tensors:
+            regressor = BoxRegressor.from_arrays({k: v.numpy() for k, v in tensors.items() if k.startswith("bbox_")})
+        return cls(tensors["svm_W"].numpy(), tensors["svm_b"].numpy(), regressor)
