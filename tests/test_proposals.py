@@ -148,9 +148,26 @@ def test_threaded_search_equals_opencv_switch(mode):
 
 
 @pytest.mark.parametrize("mode", ["fast", "quality", "single"])
-def test_modes_run(mode):
-    b = selective_search(_scene(h=60, w=80, rects=((10, 10, 40, 40),)), mode, resize=None)
-    assert b.ndim == 2 and b.shape[1] == 4 and len(b) > 0
+def test_every_mode_returns_opencvs_own_boxes_in_a_seeded_order(mode):
+    """The boxes are exactly OpenCV's own switch's rectangles (x, y, w, h) -> [x, y, x+w, y+h],
+    deduplicated and filtered by min_size, in the order of numpy's permutation of the sorted set;
+    and the drawn square is one of them, at its drawn coordinates."""
+    import cv2
+
+    img = _scene(h=60, w=80, rects=((10, 10, 40, 40),))
+    got = selective_search(img, mode, resize=None, min_size=4, top_k=None, base_k=50, inc_k=50, sigma=0.8,
+                           seed=5)
+    ss = cv2.ximgproc.segmentation.createSelectiveSearchSegmentation()
+    ss.setBaseImage(np.ascontiguousarray(img[:, :, ::-1]))
+    {"fast": lambda: ss.switchToSelectiveSearchFast(50, 50, 0.8),
+     "quality": lambda: ss.switchToSelectiveSearchQuality(50, 50, 0.8),
+     "single": lambda: ss.switchToSingleStrategy(50, 0.8)}[mode]()
+    want = {(x, y, x + w, y + h) for x, y, w, h in ss.process().reshape(-1, 4).tolist() if w >= 4 and h >= 4}
+    assert len(got) == len(want) > 3
+    assert {tuple(b) for b in got.astype(int).tolist()} == want
+    order = np.random.default_rng(5).permutation(len(want))
+    np.testing.assert_array_equal(got, np.array(sorted(want), np.float32)[order])
+    assert (10, 10, 40, 40) in want
 
 
 def test_bad_options_raise():

@@ -192,6 +192,25 @@ def test_test_voc_prints_map_and_writes_files(trained, capsys):
     out = capsys.readouterr().out.strip().splitlines()
     assert re.fullmatch(r"mAP = \d\.\d{4}", out[-1])
     assert len(list((tmp / "eval").glob("comp4_det_test_*.txt"))) == 4
+    # the printed APs are the devkit's on the result files it wrote (scored here by the test suite's
+    # own port of VOCevaldet.m), and the model is far better than the same boxes with random scores
+    from detector.datasets.voc import load_voc
+    from detector.metrics.result_files import read_voc_results
+    from detector.metrics.voc import to_devkit_boxes
+    from test_evaluation import reference_voc_ap
+
+    ds = load_voc(data, "test")
+    names = ds.class_names
+    boxes, labels, scores = read_voc_results(tmp / "eval", "test", names, [r.image_id for r in ds])
+    boxes = [to_devkit_boxes(b) for b in boxes]
+    gt = ([to_devkit_boxes(r.boxes) for r in ds], [r.labels for r in ds], [r.difficult for r in ds])
+    ap = reference_voc_ap(boxes, labels, scores, *gt, use_07_metric=True)
+    printed = {ln.split()[0]: float(ln.split()[1]) for ln in out if ln.split() and ln.split()[0] in names}
+    assert printed == pytest.approx({n: round(float(a), 4) for n, a in zip(names, ap)}, abs=1e-4)
+    assert float(out[-1].split("=")[1]) == pytest.approx(float(np.nanmean(ap)), abs=1e-4)
+    rng = np.random.default_rng(0)
+    shuffled = reference_voc_ap(boxes, labels, [rng.random(len(s)) for s in scores], *gt, use_07_metric=True)
+    assert np.nanmean(ap) > 0.3 and np.nanmean(ap) > np.nanmean(shuffled) + 0.1
     assert (tmp / "eval" / "coco_results_test.json").is_file()
     assert len(list((tmp / "eval" / "vis").glob("*.png"))) == 2
 
