@@ -54,6 +54,9 @@ def main(argv=None) -> int:
                          "boxes from a proposals file (.npz from compute_proposals.py --export, or R-CNN .mat)")
     ap.add_argument("--cache", default=common.DEFAULT_CACHE, help="proposal cache root (--proposals cache)")
     ap.add_argument("--no-box-regression", action="store_true")
+    ap.add_argument("--device-path", action="store_true",
+                    help="score with the device path (every window's deltas with its scores, one copy back) even on "
+                         "the CPU, to compare it with the host path (only the kept windows regressed)")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     ap.add_argument("--set", dest="overrides", nargs="+", default=[], metavar="test.KEY=VALUE",
                     help="test-time settings of the model, e.g. --set test.max_per_image=50")
@@ -80,6 +83,8 @@ def main(argv=None) -> int:
     common.print_header("detect() per-stage times")
     model = detector.load(args.model)
     model.configure_test(args.overrides)
+    if args.device_path:
+        model.use_device_path(True)
     if args.scales:
         set_scales(model, common.parse_int_list(args.scales, "--scales"))
     scales = model.extractor.scales
@@ -108,7 +113,8 @@ def main(argv=None) -> int:
           f"(sorted by id: {timed[0].image_id} .. {timed[-1].image_id})")
     print(f"scales:    {scales}  (max_size {model.cfg.features.max_size}; device {model.extractor.device})")
     print(f"proposals: {args.proposals} (selective search {model.cfg.proposals.mode}, top_k "
-          f"{model.cfg.proposals.top_k}); box regression {'off' if args.no_box_regression else 'on'}")
+          f"{model.cfg.proposals.top_k}); box regression {'off' if args.no_box_regression else 'on'}; "
+          f"{'device' if model.device_path else 'host'} path")
     print()
 
     def run(rec):
