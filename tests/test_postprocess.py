@@ -176,3 +176,52 @@ def test_empty_and_bad_inputs():
     with pytest.raises(ValueError, match="regressor"):
         postprocess(np.array([[0, 0, 1, 1]], np.float32), np.array([[1.0]]), (10, 10),
                     regressor=lambda i, c: np.zeros((5, 4)))
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_nms_on_regressed_boxes_matches_a_naive_loop(seed):
+    """Fast R-CNN's order: every candidate moved for its class first, greedy NMS on those boxes."""
+    boxes, scores, shift = _scene(seed + 20)
+    key = lambda d: (-d[0], d[1], d[2])  # noqa: E731
+    moved = lambda i, c: (boxes[i] + shift[i, c]).tolist()  # noqa: E731
+    dets = [(float(scores[i, c]), c, i) for c in range(3) for i in range(len(boxes)) if scores[i, c] > -1.5]
+    ref = _greedy_nms(sorted(dets, key=key), lambda d: moved(d[2], d[1]), 0.3)[:100]
+    sel = select_detections(boxes, scores, -1.5, 0.3, 100, refine=lambda i, c: boxes[i] + shift[i, c])
+    assert list(zip(sel.scores.tolist(), sel.labels.tolist(), sel.indices.tolist())) == \
+        [(np.float32(s).item(), c, i) for s, c, i in ref]
+    np.testing.assert_allclose(sel.boxes, [moved(i, c) for _, c, i in ref], atol=1e-5)
+    plain = select_detections(boxes, scores, -1.5, 0.3, 100)
+    assert not np.array_equal(plain.indices, sel.indices)  # the scene is one where the order matters
+
+
+def _soft_reference(boxes, scores, thresh, sigma, min_frac):
+    """Gaussian soft-NMS per class with loops, on the margins above the threshold."""
+    out = []
+    for c in range(scores.shape[1]):
+        cand = [[float(scores[i, c]) - thresh, i] for i in range(len(boxes)) if scores[i, c] > thresh]
+        floors = {i: m * min_frac for m, i in cand}
+        while cand:
+            best = max(cand, key=lambda d: (d[0], -d[1]))
+            cand.remove(best)
+            out.append((best[0] + thresh, c, best[1]))
+            for d in cand:
+                d[0] *= np.exp(-_iou(boxes[best[1]], boxes[d[1]]) ** 2 / sigma)
+            cand = [d for d in cand if d[0] >= floors[d[1]]]
+    return sorted(out, key=lambda d: (-d[0], d[1], d[2]))
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_soft_nms_matches_a_naive_loop_and_keeps_overlapping_neighbours(seed):
+    boxes, scores, _ = _scene(seed + 30, m=120)
+    sel = select_detections(boxes, scores, -1.0, 0.3, None, soft_sigma=0.5, soft_min=0.05)
+    ref = _soft_reference(boxes.astype(float), scores, -1.0, 0.5, 0.05)
+    assert sel.labels.tolist() == [c for _, c, _ in ref] and sel.indices.tolist() == [i for _, _, i in ref]
+    np.testing.assert_allclose(sel.scores, [s for s, _, _ in ref], rtol=1e-5, atol=1e-5)
+    hard = select_detections(boxes, scores, -1.0, 0.3, None)
+    assert len(sel) > len(hard)
+    # two heavily overlapping boxes: hard NMS drops the second, soft-NMS keeps it with a lower score
+    two = np.array([[0, 0, 10, 10], [0, 0, 10, 12]], np.float32)
+    sc = np.array([[1.0], [0.8]], np.float32)
+    assert len(select_detections(two, sc, 0.0, 0.3)) == 1
+    soft = select_detections(two, sc, 0.0, 0.3, soft_sigma=0.5)
+    assert soft.indices.tolist() == [0, 1] and 0 < soft.scores[1] < 0.8

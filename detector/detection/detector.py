@@ -120,14 +120,19 @@ class SPPDetector:
             return empty_result()
         maps = self.extractor(img, timer=timer) if features is None else features
         windows, row = distinct_windows(self.embedder.windows(maps, boxes))  # each distinct window once
-        scores, deltas, pool5 = self._predict(maps, windows, scorer, regress and self.device_path, timer)
+        regress_first = regress and tc.nms_after_regression
+        scores, deltas, pool5 = self._predict(maps, windows, scorer, regress and (self.device_path or regress_first),
+                                              timer)
         nms_iou = tc.nms_iou if nms_iou is None else nms_iou
         thr = class_thresholds(tc.score_thresh if score_thresh is None else score_thresh, self.class_names)
+        refine = None
+        if regress_first:  # each candidate moved for its class before NMS
+            refine = lambda idx, lab: self.predictor.refine(boxes[idx], deltas[row[idx], lab], lab)  # noqa: E731
         sel = select_detections(boxes, scores[row], thr, nms_iou, tc.max_per_image if max_per_image is None
-                                else max_per_image)
+                                else max_per_image, refine=refine, soft_sigma=tc.soft_nms_sigma)
         timer.lap("nms")
-        kept = boxes[sel.indices]
-        if regress and len(sel):
+        kept = sel.boxes
+        if regress and not regress_first and len(sel):
             rows = row[sel.indices]
             if deltas is None:  # the host path: only the kept windows, in float64
                 p5 = pool5[torch.from_numpy(rows)] if pool5 is not None else \
@@ -137,7 +142,10 @@ class SPPDetector:
                 deltas = deltas[rows, sel.labels]
             kept = self.predictor.refine(kept, deltas, sel.labels)
         timer.lap("bbox")
-        out = finalize_detections(kept, sel.scores, sel.labels, (W, H), nms_iou, tc.second_nms, sel.indices)
+        # a second NMS removes the duplicates that regression after NMS made; not needed when NMS saw
+        # the regressed boxes, and not wanted after soft-NMS kept overlapping boxes on purpose
+        second = tc.second_nms and not regress_first and tc.soft_nms_sigma == 0
+        out = finalize_detections(kept, sel.scores, sel.labels, (W, H), nms_iou, second, sel.indices)
         timer.lap("nms")
         timer.count("proposals", len(boxes))
         timer.count("windows", len(windows))

@@ -19,6 +19,17 @@ precomputed per-class deltas [M, K, 4].
 Order is deterministic everywhere: descending score, then class, then
 proposal index.  NMS itself is torchvision's; we hand it ranks rather than
 scores so ties are processed in that order whatever its sort does.
+
+Two measured alternatives for densely packed objects (BENCHMARKS.md, "Accuracy levers"):
+
+- `refine` (`test.nms_after_regression`): each candidate window is regressed for its
+  class *before* NMS, as Fast R-CNN does, so duplicates of one object converge onto one
+  box and are suppressed while neighbours that overlap a little survive; no second NMS.
+- `soft_sigma` > 0 (`test.soft_nms_sigma`): Gaussian soft-NMS (Bodla et al., ICCV 2017)
+  instead of removing overlapping boxes: each later box's score above the class threshold
+  is multiplied by exp(-IoU^2 / sigma) per higher box kept, and it drops out when that
+  margin falls below `soft_min` of its original margin (SVM margins can be negative, so the
+  decay applies to the margin above the threshold, which is positive for every candidate).
 """
 from __future__ import annotations
 
@@ -37,12 +48,14 @@ Regressor = Union[None, Callable[[np.ndarray, np.ndarray], np.ndarray], np.ndarr
 
 @dataclass
 class Selection:
-    """Detections after steps 1-3: rows of the input boxes, their classes and scores,
-    sorted by (score desc, label, index)."""
+    """Detections after steps 1-3: rows of the input boxes, their classes, scores and boxes
+    (the input rows, or their refined boxes when NMS ran on those), sorted by (score desc,
+    label, index)."""
 
     indices: np.ndarray  # [n] int64
     labels: np.ndarray  # [n] int64
     scores: np.ndarray  # [n] float32
+    boxes: np.ndarray  # [n, 4] float32
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -86,6 +99,32 @@ def _nms_per_class(boxes: np.ndarray, labels: np.ndarray, iou: float) -> np.ndar
     return np.sort(np.concatenate(keep))
 
 
+def _soft_nms_per_class(boxes: np.ndarray, margins: np.ndarray, labels: np.ndarray, sigma: float,
+                        min_frac: float) -> tuple[np.ndarray, np.ndarray]:
+    """Gaussian soft-NMS per class on positive margins: (positions kept, their decayed margins).
+    Boxes are in priority order; at each step the highest remaining margin is kept (ties: the
+    earlier position)."""
+    from torchvision.ops import box_iou
+
+    kept, out = [], []
+    for k in np.unique(labels):
+        pos = np.flatnonzero(labels == k)
+        m = margins[pos].astype(np.float64)
+        floor = m * min_frac
+        iou = box_iou(torch.from_numpy(np.asarray(boxes[pos], np.float64)),
+                      torch.from_numpy(np.asarray(boxes[pos], np.float64))).numpy()
+        alive = np.ones(len(pos), bool)
+        while alive.any():
+            j = int(np.flatnonzero(alive)[np.argmax(m[alive])])
+            kept.append(pos[j])
+            out.append(m[j])
+            alive[j] = False
+            m[alive] *= np.exp(-iou[j, alive] ** 2 / sigma)
+            alive &= m >= floor
+    order = np.argsort(kept, kind="stable")
+    return np.asarray(kept, np.int64)[order], np.asarray(out, np.float64)[order]
+
+
 def _check_inputs(boxes: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     boxes = np.asarray(boxes, np.float32)
     scores = np.asarray(scores, np.float32)
@@ -102,9 +141,13 @@ def _check_inputs(boxes: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np
 
 def select_detections(boxes: np.ndarray, scores: np.ndarray,
                       score_thresh: Union[float, Sequence[float], np.ndarray] = -1.5,
-                      nms_iou: float = 0.3, max_per_image: Optional[int] = 100) -> Selection:
+                      nms_iou: float = 0.3, max_per_image: Optional[int] = 100,
+                      refine: Optional[Callable[[np.ndarray, np.ndarray], np.ndarray]] = None,
+                      soft_sigma: float = 0.0, soft_min: float = 0.01) -> Selection:
     """Steps 1-3.  score_thresh: scalar or one per class (see class_thresholds; a mapping
-    here is keyed by the class index as a string); max_per_image None: no cap."""
+    here is keyed by the class index as a string); max_per_image None: no cap.
+    refine(indices, labels) -> boxes: NMS runs on each candidate's refined box for its class
+    instead of its proposal box; soft_sigma > 0: soft-NMS (see the module docstring)."""
     boxes, scores = _check_inputs(boxes, scores)
     num_classes = scores.shape[1]
     thr = class_thresholds(score_thresh, [str(k) for k in range(num_classes)])
@@ -114,11 +157,19 @@ def select_detections(boxes: np.ndarray, scores: np.ndarray,
     sc = scores[idx, lab]
     o = _order(sc, lab, idx)
     idx, lab, sc = idx[o], lab[o], sc[o]
-    keep = _nms_per_class(boxes[idx], lab, nms_iou)  # sorted positions: order preserved
-    idx, lab, sc = idx[keep], lab[keep], sc[keep]
+    cand = boxes[idx] if refine is None else np.asarray(refine(idx, lab), np.float32).reshape(-1, 4)
+    if soft_sigma > 0:
+        keep, margin = _soft_nms_per_class(cand, sc.astype(np.float64) - thr[lab], lab, soft_sigma, soft_min)
+        sc = (margin + thr[lab[keep]]).astype(np.float32)
+        idx, lab, cand = idx[keep], lab[keep], cand[keep]
+        o = _order(sc, lab, idx)  # decayed scores: back into priority order
+        idx, lab, sc, cand = idx[o], lab[o], sc[o], cand[o]
+    else:
+        keep = _nms_per_class(cand, lab, nms_iou)  # sorted positions: order preserved
+        idx, lab, sc, cand = idx[keep], lab[keep], sc[keep], cand[keep]
     if max_per_image is not None:
-        idx, lab, sc = idx[:max_per_image], lab[:max_per_image], sc[:max_per_image]
-    return Selection(idx.astype(np.int64), lab.astype(np.int64), sc.astype(np.float32))
+        idx, lab, sc, cand = idx[:max_per_image], lab[:max_per_image], sc[:max_per_image], cand[:max_per_image]
+    return Selection(idx.astype(np.int64), lab.astype(np.int64), sc.astype(np.float32), cand.astype(np.float32))
 
 
 def finalize_detections(boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray,
