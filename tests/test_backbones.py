@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from detector import backbones as B
+from detector.core import backbones as B
 
 
 def measured_centre(trunk, size, axis):
