@@ -92,6 +92,8 @@ class SVMConfig:
     norm_images: int = 200
     norm_boxes: int = 200
     max_iter: int = 10000
+    calibrate: bool = False  # Platt-scale each class's margins on out-of-fold windows (detection.calibration)
+    calibration_folds: int = 3
 
 
 @dataclass
@@ -349,6 +351,7 @@ def validate(cfg: Config) -> None:
     _check(s.layer in ("fc7", "fc6", "pool5"), f"svm.layer must be fc7, fc6 or pool5, got {s.layer!r}")
     _check(ft.enabled or s.layer == "pool5", "finetune.enabled=false needs svm.layer=pool5 "
                                              "(without fine-tuning there are no fc layers to read)")
+    _check(s.calibration_folds >= 2, f"svm.calibration_folds must be >= 2, got {s.calibration_folds}")
     _check(s.C > 0 and s.target_norm > 0 and s.norm_images >= 1 and s.norm_boxes >= 1 and s.max_iter >= 1,
            "svm: C, target_norm, norm_images, norm_boxes and max_iter must be positive")
     _check(0 < bb.iou_thresh < 1 and bb.lam > 0, f"bbox: need 0 < iou_thresh < 1 and lam > 0, "

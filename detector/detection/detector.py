@@ -125,6 +125,8 @@ class SPPDetector:
                                               timer)
         nms_iou = tc.nms_iou if nms_iou is None else nms_iou
         thr = class_thresholds(tc.score_thresh if score_thresh is None else score_thresh, self.class_names)
+        if scorer == "svm":  # comparable across classes when the model is calibrated; thresholds stay margins
+            scores, thr = self.predictor.calibrate(scores, thr)
         refine = None
         if regress_first:  # each candidate moved for its class before NMS
             refine = lambda idx, lab: self.predictor.refine(boxes[idx], deltas[row[idx], lab], lab)  # noqa: E731
@@ -210,7 +212,8 @@ class SPPDetector:
         if cfg.finetune.enabled:
             expected.update(FCHead.expected_state(pool5_dim, cfg.finetune.fc_dims, K, "head."))
         D = layer_dim(cfg.svm.layer if cfg.finetune.enabled else "pool5", pool5_dim, cfg.finetune.fc_dims)
-        expected.update(WindowPredictor.expected_tensors(D, K, pool5_dim, any(k.startswith("bbox_") for k in tensors)))
+        expected.update(WindowPredictor.expected_tensors(D, K, pool5_dim, any(k.startswith("bbox_") for k in tensors),
+                                                         "svm_calibration" in tensors))
         expected.update({"pool5_scale": ((1,), torch.float64), "svm_scale": ((1,), torch.float64)})
         check_tensors(path, tensors, expected)
         head = None
@@ -221,7 +224,11 @@ class SPPDetector:
             load_module("head.", head, tensors)
         embedder = WindowEmbedder.from_config(cfg, backbone, head, positive_scalar(path, tensors, "pool5_scale"),
                                               positive_scalar(path, tensors, "svm_scale"))
-        return cls(cfg, names, embedder, WindowPredictor.from_tensors(tensors), device)
+        try:
+            predictor = WindowPredictor.from_tensors(tensors)
+        except ModelFormatError as e:
+            raise ModelFormatError(f"{path}: {e}") from None
+        return cls(cfg, names, embedder, predictor, device)
 
 
 def load(path: Union[str, Path], device: str = "auto") -> SPPDetector:

@@ -19,12 +19,19 @@ from detector.errors import ModelFormatError
 
 
 class WindowPredictor:
-    def __init__(self, svm_W: np.ndarray, svm_b: np.ndarray, regressor: Optional[BoxRegressor] = None):
+    def __init__(self, svm_W: np.ndarray, svm_b: np.ndarray, regressor: Optional[BoxRegressor] = None,
+                 calibration: Optional[np.ndarray] = None):
         self.svm_W = np.ascontiguousarray(svm_W, np.float32)
         self.svm_b = np.ascontiguousarray(svm_b, np.float32)
         if self.svm_W.ndim != 2 or self.svm_b.shape != (self.svm_W.shape[1],):
             raise ModelFormatError(f"SVM weights {self.svm_W.shape} and biases {self.svm_b.shape} do not fit")
         self.regressor = regressor
+        # [K, 2] (a, b): a class's scores become the log-odds a * margin + b (detection.calibration)
+        self.calibration = None if calibration is None else np.asarray(calibration, np.float64)
+        if self.calibration is not None and (self.calibration.shape != (self.num_classes, 2)
+                                             or not np.isfinite(self.calibration).all()
+                                             or not (self.calibration[:, 0] > 0).all()):
+            raise ModelFormatError(f"SVM calibration must be [{self.num_classes}, 2] with positive slopes")
         self._svm: dict = {}
 
     @property
@@ -44,6 +51,15 @@ class WindowPredictor:
         W, b = self._svm[key]
         return features @ W + b
 
+    def calibrate(self, margins: np.ndarray, thresholds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Margins [N, K] and per-class thresholds [K] mapped to comparable log-odds (the identity
+        for an uncalibrated model): strictly increasing per class, so each class keeps the same
+        windows above its threshold and the same order."""
+        if self.calibration is None:
+            return margins, thresholds
+        a, b = self.calibration[:, 0], self.calibration[:, 1]
+        return (margins * a + b).astype(np.float32), np.asarray(thresholds, np.float64) * a + b
+
     def deltas(self, pool5: torch.Tensor, labels: Optional[np.ndarray] = None) -> torch.Tensor:
         """Box-regression deltas of pool5 rows: [N, K, 4] for every class, or [N, 4] for each
         row's class in `labels` (see BoxRegressor.deltas)."""
@@ -58,12 +74,17 @@ class WindowPredictor:
         out = {"svm_W": torch.from_numpy(self.svm_W), "svm_b": torch.from_numpy(self.svm_b)}
         if self.regressor is not None:
             out.update({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in self.regressor.to_arrays().items()})
+        if self.calibration is not None:
+            out["svm_calibration"] = torch.from_numpy(np.ascontiguousarray(self.calibration))
         return out
 
     @staticmethod
-    def expected_tensors(feature_dim: int, num_classes: int, pool5_dim: int, regression: bool) -> dict:
+    def expected_tensors(feature_dim: int, num_classes: int, pool5_dim: int, regression: bool,
+                         calibration: bool = False) -> dict:
         """(shape, dtype) of each tensor `tensors()` writes, without building anything."""
         out = {"svm_W": ((feature_dim, num_classes), torch.float32), "svm_b": ((num_classes,), torch.float32)}
+        if calibration:
+            out["svm_calibration"] = ((num_classes, 2), torch.float64)
         if regression:
             out.update({f"bbox_{k}": v for k, v in BoxRegressor.expected_arrays(num_classes, pool5_dim).items()})
         return out
@@ -73,4 +94,5 @@ class WindowPredictor:
         regressor = None
         if "bbox_weights" in tensors:
             regressor = BoxRegressor.from_arrays({k: v.numpy() for k, v in tensors.items() if k.startswith("bbox_")})
-        return cls(tensors["svm_W"].numpy(), tensors["svm_b"].numpy(), regressor)
+        cal = tensors.get("svm_calibration")
+        return cls(tensors["svm_W"].numpy(), tensors["svm_b"].numpy(), regressor, None if cal is None else cal.numpy())

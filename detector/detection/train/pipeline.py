@@ -39,6 +39,7 @@ from detector.core.heads import FCHead
 from detector.proposals.files import dataset_proposals
 from detector.detection.matching import match_windows
 from detector.detection.detector import SPPDetector
+from detector.detection.calibration import fit_calibration, held_out_margins
 from detector.detection.predictor import WindowPredictor
 from detector.detection.train.stages import STAGE_NAMES, STAGES, StageRecords, data_digest, relevant_config, stage_digests
 from detector.detection.svm import format_summary, train_svms
@@ -222,20 +223,28 @@ def run_svm(r: TrainRun) -> dict:
     # that is seconds, on COCO's 80 classes ~40 h for one process (BENCHMARKS.md, "Scale on paper").
     mine = list(range(w.rank, K, w.size))
     log_shard("svm classes", len(mine), unit="classes")
+    calib = None
     if mine:
         W, b, summary = train_svms(svm_images(store, n, scale), K, s, r.ds.class_names, progress=r.progress,
                                    classes=mine)
-    parts = all_gather((mine, W[:, mine], b[mine], summary) if mine else ([], None, None, []))
+        if s.calibrate:
+            held = held_out_margins(lambda idx: svm_images(store, n, scale, idx), n, K, s, mine, s.calibration_folds)
+            calib = fit_calibration(held, K)[mine]
+    parts = all_gather((mine, W[:, mine], b[mine], summary, calib) if mine else ([], None, None, [], None))
     if not w.main:
         barrier()
         return {}
     W, b = np.zeros((W.shape[0], K), np.float32), np.zeros(K, np.float32)
-    for classes, Wk, bk, _ in parts:
+    ab = np.tile([1.0, 0.0], (K, 1))
+    for classes, Wk, bk, _, cal in parts:
         if classes:
             W[:, classes], b[classes] = Wk, bk
+            if cal is not None:
+                ab[classes] = cal
     summary = sorted((row for part in parts for row in part[3]), key=lambda row: row["index"])
     print(format_summary(summary))
-    atomic_save_npz(r.run / "svm.npz", W=W, b=b, svm_scale=np.float64(scale))
+    extra = {"calibration": ab} if s.calibrate else {}
+    atomic_save_npz(r.run / "svm.npz", W=W, b=b, svm_scale=np.float64(scale), **extra)
     store.remove()
     barrier()
     return {"feature_seconds": round(rows_s, 2),
@@ -272,7 +281,7 @@ def run_model(r: TrainRun) -> dict:
         raise CacheError(f"{r.run / 'svm.npz'} is unreadable; delete it and run again")
     r.embedder.feature_scale = float(z["svm_scale"])
     regressor = BoxRegressor.from_arrays(load_npz(r.run / "bbox.npz")) if r.cfg.bbox.enabled else None
-    predictor = WindowPredictor(z["W"], z["b"], regressor)
+    predictor = WindowPredictor(z["W"], z["b"], regressor, z.get("calibration"))
     model = SPPDetector(r.cfg, r.ds.class_names, r.embedder, predictor, device=r.cfg.features.device)
     model.save(r.run / "model.safetensors")
     return {}

@@ -93,10 +93,12 @@ def svm_feature_scale(store: RowStore, n: int, norm_images: int, norm_boxes: int
     return norm_scale(sample.astype(np.float32), target, "SVM features")
 
 
-def svm_images(store: RowStore, n: int, scale: float) -> Callable[[], Iterator[SVMImage]]:
-    """A callable giving a fresh pass over the stored SVM rows, scaled (train_svms reads twice)."""
+def svm_images(store: RowStore, n: int, scale: float,
+               indices: Optional[Sequence[int]] = None) -> Callable[[], Iterator[SVMImage]]:
+    """A callable giving a fresh pass over the stored SVM rows (of the images at `indices`,
+    default all n), scaled (train_svms reads twice)."""
     def images() -> Iterator[SVMImage]:
-        for i in range(n):
+        for i in (range(n) if indices is None else indices):
             z = store.read(i)
             yield SVMImage(z["x"].astype(np.float32) * scale, z["gt_labels"], z["class_iou"])
 
