@@ -39,6 +39,7 @@ class FeatureConfig:
     cache_dtype: str = "float16"
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     ram_cache_mb: int = 1024  # conv maps kept in memory while training (least recently used go first)
+    max_upscale: float = 0.0  # > 0: never enlarge an image more than this (small images), whatever the scale
 
 
 @dataclass
@@ -52,6 +53,7 @@ class ProposalConfig:
     sigma: float = 0.8
     seed: int = 0  # fixes the order of boxes (and so which survive top_k)
     workers: int = 0  # processes for selective search; 0: every core this process may use
+    max_upscale: float = 0.0  # > 0: selective search never enlarges an image more than this (see `resize`)
 
 
 @dataclass
@@ -330,6 +332,8 @@ def validate(cfg: Config) -> None:
     _check(f.cache_dtype in ("float16", "float32"), f"features.cache_dtype must be float16 or float32, "
                                                     f"got {f.cache_dtype!r}")
     _check(f.ram_cache_mb >= 0, f"features.ram_cache_mb must be >= 0, got {f.ram_cache_mb}")
+    _check(f.max_upscale >= 0 and p.max_upscale >= 0, "features.max_upscale and proposals.max_upscale must be >= 0 "
+                                                       "(0: no cap)")
     _check(f.device in ("auto", "cpu", "cuda") or f.device.startswith("cuda:"),
            f"features.device must be auto, cpu, cuda or cuda:N, got {f.device!r}")
     _check(p.mode in ("fast", "quality", "single"), f"proposals.mode must be fast, quality or single, got {p.mode!r}")

@@ -124,3 +124,12 @@ def test_resize_factor_cap():
 def test_bad_boxes_raise_clear_errors(box, msg):
     with pytest.raises(ValueError, match=msg):
         check_boxes(np.array([box], float), 640, 480, "proposals")
+
+
+def test_max_upscale_keeps_a_small_image_from_being_blown_up():
+    from detector.core.resize import resize_factor
+
+    assert resize_factor(200, 200, 688, 2000) == pytest.approx(3.44)
+    assert resize_factor(200, 200, 688, 2000, max_upscale=1.5) == 1.5
+    assert resize_factor(640, 480, 688, 2000, max_upscale=1.5) == pytest.approx(688 / 480)  # under the cap
+    assert resize_factor(4000, 400, 688, 2000, max_upscale=1.5) == pytest.approx(0.5)  # max_size still rules

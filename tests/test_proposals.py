@@ -482,3 +482,14 @@ def test_workers_that_never_run_give_a_clear_error(tmp_path, images):
     todo = [(i, p, str(store.file(p)), store.options) for i, p in enumerate(images[:2])]
     with pytest.raises(RuntimeError, match="__main__"):
         proposal_store._run_pool(todo, 2, lambda *a: None, None, store.dir, worker=_always_dies)
+
+
+def test_max_upscale_searches_a_small_image_at_its_own_size():
+    img = _scene(h=60, w=80, rects=((10, 10, 40, 40),))
+    native = selective_search(img, resize=None, min_size=4)
+    assert np.array_equal(selective_search(img, resize=320, min_size=4, max_upscale=1.0), native)
+    assert not np.array_equal(selective_search(img, resize=320, min_size=4), native)  # 4x larger search
+    p = ProposalConfig()
+    assert "max_upscale" not in search.search_options(p)  # the default's cache key is unchanged
+    p.max_upscale = 1.0
+    assert search.search_options(p)["max_upscale"] == 1.0

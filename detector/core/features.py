@@ -52,12 +52,13 @@ class FeatureExtractor:
     """Backbone + scales: `extractor(image)` gives one `ScaleFeatures` per scale."""
 
     def __init__(self, backbone: Backbone, scales: Sequence[int], max_size: int = 2000, device: str = "auto",
-                 resize_on_device: Optional[bool] = None, channels_last: bool = False):
+                 resize_on_device: Optional[bool] = None, channels_last: bool = False, max_upscale: float = 0.0):
         if not scales:
             raise ValueError("at least one scale is needed")
         self.backbone = backbone
         self.scales = sorted(int(s) for s in scales)
         self.max_size = int(max_size)
+        self.max_upscale = float(max_upscale)
         self.device = resolve_device(device)
         # channels-last inputs: the same maps up to float rounding, 1.4-1.7x faster for Lite0 on a
         # CPU in most runs (BENCHMARKS.md, "Classification"); the classifier uses it, detection not yet
@@ -69,7 +70,7 @@ class FeatureExtractor:
         self.resize_on_device = self.device.type != "cpu" if resize_on_device is None else resize_on_device
 
     def factors(self, width: int, height: int) -> list[float]:
-        return [resize_factor(width, height, s, self.max_size) for s in self.scales]
+        return [resize_factor(width, height, s, self.max_size, self.max_upscale) for s in self.scales]
 
     def prepare(self, image: np.ndarray, factor: float) -> torch.Tensor:
         """Resize (OpenCV), normalise and pad one image: [3, h', w'] float32 on the CPU."""
@@ -156,4 +157,5 @@ class FeatureExtractor:
                 "mean": bb.mean, "std": bb.std, "bgr": bb.bgr, "max_size": self.max_size,
                 "preprocess": PREPROCESS_VERSION, "min_input": MIN_INPUT,
                 **({"resize": "torch-bilinear"} if self.resize_on_device else {}),
-                **({"channels_last": True} if self.channels_last else {})}  # detection's keys unchanged
+                **({"channels_last": True} if self.channels_last else {}),  # detection's keys unchanged
+                **({"max_upscale": self.max_upscale} if self.max_upscale > 0 else {})}

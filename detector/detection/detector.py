@@ -58,7 +58,8 @@ class SPPDetector:
         if embedder.head is not None:
             embedder.head.eval()
         self.predictor = predictor
-        self.extractor = FeatureExtractor(embedder.backbone, cfg.features.scales, cfg.features.max_size, device)
+        self.extractor = FeatureExtractor(embedder.backbone, cfg.features.scales, cfg.features.max_size, device,
+                                          max_upscale=cfg.features.max_upscale)
         if (predictor.feature_dim, predictor.num_classes) != (embedder.feature_dim, len(self.class_names)):
             raise ModelFormatError(f"SVM weights have shape {(predictor.feature_dim, predictor.num_classes)}, which "
                                    f"does not fit the {embedder.layer} features and {len(self.class_names)} classes")

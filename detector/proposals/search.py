@@ -129,7 +129,7 @@ def selective_search(image, mode: str = "fast", *, resize: Optional[int] = DEFAU
                      min_size: float = DEFAULTS["min_size"], top_k: Optional[int] = DEFAULTS["top_k"],
                      base_k: int = DEFAULTS["base_k"], inc_k: int = DEFAULTS["inc_k"],
                      sigma: float = DEFAULTS["sigma"], seed: int = DEFAULTS["seed"],
-                     num_threads: Optional[int] = None) -> np.ndarray:
+                     num_threads: Optional[int] = None, max_upscale: float = 0.0) -> np.ndarray:
     """Selective-search boxes of an HxWx3 uint8 RGB image (or a path), best first.
 
     Returns float32 [N, 4] `x1, y1, x2, y2` in the original image's pixels,
@@ -139,7 +139,8 @@ def selective_search(image, mode: str = "fast", *, resize: Optional[int] = DEFAU
     mode: fast | quality | single (OpenCV's switchToSelectiveSearchFast /
     Quality / switchToSingleStrategy; `single` uses k=base_k).
     resize: the image is resized so that its longer side is `resize` px
-    (up or down) before the search; None or 0: as is.
+    (up or down) before the search; None or 0: as is.  max_upscale > 0: never
+    enlarged by more than this factor (small images).
     base_k, inc_k, sigma: graph-segmentation settings passed to OpenCV.
     seed: the permutation that orders the boxes (see the module docstring).
     num_threads: threads to split the search over (the result does not depend
@@ -155,8 +156,10 @@ def selective_search(image, mode: str = "fast", *, resize: Optional[int] = DEFAU
     h, w = rgb.shape[:2]
     threads = cv2.getNumThreads() if num_threads is None else int(num_threads)
     bgr = np.ascontiguousarray(rgb[:, :, ::-1])
-    if resize and max(h, w) != resize:
-        s = resize / max(h, w)
+    s = resize / max(h, w) if resize else 1.0
+    if max_upscale > 0:
+        s = min(s, float(max_upscale))
+    if s != 1.0:
         size = (max(1, round(w * s)), max(1, round(h * s)))
         bgr = cv2.resize(bgr, size, interpolation=cv2.INTER_AREA if s < 1 else cv2.INTER_LINEAR)
     rh, rw = bgr.shape[:2]
@@ -182,6 +185,8 @@ def selective_search(image, mode: str = "fast", *, resize: Optional[int] = DEFAU
 def search_options(p) -> dict:
     """selective_search keyword options (plus mode) from a ProposalConfig."""
     opts = {"mode": p.mode, **{k: getattr(p, k) for k in DEFAULTS}}
+    if getattr(p, "max_upscale", 0) > 0:  # only when set: the default's cache key stays what it was
+        opts["max_upscale"] = float(p.max_upscale)
     _check_options(opts["mode"], opts["resize"], opts["min_size"], opts["top_k"], opts["base_k"],
                    opts["inc_k"], opts["sigma"])
     return opts
