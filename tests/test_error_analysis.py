@@ -68,9 +68,13 @@ def test_duplicate_07_and_area():
     assert types_of(rep) == ["TP", "dupe", "TP"]
     assert rep["map"] == pytest.approx(28 / 33)
     only(rep, "dupe", 5 / 33)
-    rep = run(dets, gts, 1, use_07_metric=False)
+    rep = run(dets, gts, 1, metric="area")
     assert rep["map"] == pytest.approx(5 / 6)
     only(rep, "dupe", 1 / 6)
+    # COCO 101-point: envelope 1 up to recall 1/2 (51 thresholds 0..0.5), 2/3 above (50): 253/303
+    rep = run(dets, gts, 1, metric="coco101")
+    assert rep["map"] == pytest.approx(253 / 303)
+    only(rep, "dupe", 50 / 303)
 
 
 def test_localisation():
@@ -157,6 +161,18 @@ def test_one_winner_per_gt_and_used_gt():
     assert rep["map"] + rep["dap"]["loc"] == pytest.approx(7 / 11)
 
 
+def test_tidecv_oracle():
+    # b0 has a cls error (class A, 0.9) and a loc error (class B, IoU 0.4, 0.8); a0 a TP.  Fixing
+    # loc makes the loc error b0's TP: B 0 -> 1, dAP 1/2.  tidecv lets the higher-scoring cls
+    # error keep b0 even then, so the loc error is only removed: B stays 0.
+    dets = [(A, 0.9, (0, 0, 10, 10)), (B, 0.8, (0, 0, 10, 4)), (A, 0.5, (100, 0, 110, 10))]
+    gts = [(B, (0, 0, 10, 10)), (A, (100, 0, 110, 10))]
+    assert types_of(run(dets, gts, 2)) == ["cls", "loc", "TP"]
+    assert run(dets, gts, 2)["dap"]["loc"] == pytest.approx(0.5)
+    assert run(dets, gts, 2, tidecv_oracle=True)["dap"]["loc"] == 0
+    assert run(dets, gts, 2, tidecv_oracle=True)["dap"]["cls"] == run(dets, gts, 2)["dap"]["cls"]
+
+
 def test_difficult_objects():
     # A match to a difficult GT is neither TP nor FP; a difficult GT is never missed.
     rep = run([(A, 0.9, (0, 0, 10, 10)), (A, 0.8, (100, 0, 110, 10))],
@@ -173,6 +189,8 @@ def test_class_without_objects_is_left_out_of_the_mean():
 
 
 def test_bad_input():
+    with pytest.raises(ValueError, match="metric"):
+        run([], [(A, (0, 0, 1, 1))], 1, metric="11")
     with pytest.raises(ValueError, match="bg_iou"):
         run([], [(A, (0, 0, 1, 1))], 1, bg_iou=0.6)
     with pytest.raises(ValueError, match="images"):
@@ -261,7 +279,7 @@ def fixed_input(data, rep, fix):
 def test_oracles_match_rescoring_the_fixed_input(seed, m07):
     data = scene(seed)
     n_cls = 3
-    rep = analyze_errors(*data, n_classes=n_cls, use_07_metric=m07)
+    rep = analyze_errors(*data, n_classes=n_cls, metric="07" if m07 else "area")
     base = voc(*data, n_cls, m07)
     np.testing.assert_allclose(rep["ap"], base, rtol=0, atol=1e-12)  # NaN where no objects, both
     seen = set()
@@ -275,6 +293,59 @@ def test_oracles_match_rescoring_the_fixed_input(seed, m07):
         seen |= {t} if rep["counts"][t].sum() else set()
     if seed == 0:
         assert seen == set(ERROR_TYPES), seen  # the scene exercises every type
+
+
+def sparse_scene(seed, n_img=30, n_cls=3):
+    """Objects in separate 100-px cells (no two overlap), so COCOeval's greedy matching and the
+    devkit's agree."""
+    rng = np.random.default_rng(seed)
+    pb, pl, ps, gb, gl = [], [], [], [], []
+    for _ in range(n_img):
+        cells = rng.permutation(16)[: int(rng.integers(1, 6))]
+        xy = np.stack([100 * (cells % 4) + 20, 100 * (cells // 4) + 20], 1).astype(float)
+        g = np.concatenate([xy, xy + rng.uniform(20, 55, (len(cells), 2))], 1)
+        glab = rng.integers(0, n_cls, len(cells))
+        boxes, labels = [], []
+        for k in range(len(g)):
+            for _ in range(int(rng.integers(0, 4))):
+                boxes.append(g[k] + rng.normal(0, rng.choice([3.0, 10.0]), 4))
+                labels.append(glab[k] if rng.random() < 0.8 else rng.integers(0, n_cls))
+        b = np.array(boxes, np.float64).reshape(-1, 4)
+        b[:, 2:] = np.maximum(b[:, 2:], b[:, :2] + 1)
+        pb.append(b), pl.append(np.array(labels, np.int64)), ps.append(rng.random(len(b)))
+        gb.append(g), gl.append(glab)
+    return pb, pl, ps, gb, gl
+
+
+def test_coco101_reads_recall_as_cocoeval():
+    # 20 objects, one per image.  TPs on 7 (recall 0.35, precision 1), an FP, a TP (recall 0.4,
+    # precision 8/9).  Thresholds 0..0.34 (35) read 1, 0.35..0.40 (6) read 8/9, the rest 0:
+    # COCOeval's np.linspace(0, 1, 101)[35] is 0.35000000000000003, which recall 0.35 does not
+    # reach (with k/100, as tidecv, it would read 1: (36 + 5 * 8/9) / 101).
+    from detector.metrics.result_files import coco_results_from_arrays
+    from detector.metrics.voc import coco_gt_from_arrays, eval_coco
+
+    gb = [arr((0, 0, 10, 10))] * 20
+    gl = [np.array([0])] * 20
+    pb = [arr((0, 0, 10, 10))] * 7 + [arr((50, 50, 60, 60)), arr((0, 0, 10, 10))] + [arr()] * 11
+    ps = [np.array([0.9 - 0.01 * k]) for k in range(9)] + [np.zeros(0)] * 11
+    pl = [np.zeros(len(b), np.int64) for b in pb]
+    rep = analyze_errors(pb, pl, ps, gb, gl, n_classes=1, metric="coco101")
+    assert rep["map"] == pytest.approx((35 + 6 * 8 / 9) / 101, abs=1e-12)
+    stats = eval_coco(coco_gt_from_arrays(gb, gl), coco_results_from_arrays(list(range(1, 21)), [1], pb, pl, ps))
+    assert rep["map"] == pytest.approx(stats["AP50"], abs=1e-12)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_coco101_base_ap_is_pycocotools_ap50(seed):
+    from detector.metrics.result_files import coco_results_from_arrays
+    from detector.metrics.voc import coco_gt_from_arrays, eval_coco
+
+    pb, pl, ps, gb, gl = sparse_scene(seed)
+    rep = analyze_errors(pb, pl, ps, gb, gl, n_classes=3, metric="coco101")
+    gt = coco_gt_from_arrays(gb, gl, class_names=["a", "b", "c"])
+    stats = eval_coco(gt, coco_results_from_arrays(list(range(1, len(pb) + 1)), [1, 2, 3], pb, pl, ps))
+    assert rep["map"] == pytest.approx(stats["AP50"], abs=1e-12)
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -330,7 +401,7 @@ def test_types_follow_their_definitions(seed):
 @pytest.mark.parametrize("m07", [True, False])
 def test_fixing_everything_gives_ap_1(seed, m07):
     data = scene(seed)
-    rep = analyze_errors(*data, n_classes=3, use_07_metric=m07)
+    rep = analyze_errors(*data, n_classes=3, metric="07" if m07 else "area")
     ref = voc(*fixed_input(data, rep, set(ERROR_TYPES)), 3, m07)
     assert ref[~np.isnan(ref)] == pytest.approx(np.ones(int((~np.isnan(ref)).sum())), abs=1e-12)
 

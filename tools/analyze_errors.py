@@ -3,7 +3,8 @@
 
   python tools/analyze_errors.py --dataset ../shared/datasets/BCCD --detections data/runs/bccd/test_test
   python tools/analyze_errors.py --dataset ... --detections results.json --proposals props.npz
-  python tools/analyze_errors.py --dataset ... --detections DIR --ss-cache data/cache/proposals --config configs/bccd.yaml
+  python tools/analyze_errors.py --dataset ... --detections DIR --ss-cache data/cache/proposals \\
+      --config data/runs/bccd/config.yaml
 
 --detections is a folder of the devkit's result files (comp4_det_<split>_<class>.txt, as
 tools/test_voc.py and bench/peer_fasterrcnn.py write them) or a COCO results json (image ids
@@ -14,7 +15,8 @@ Prints two tables and writes them, with a plot, to --out (default: beside the de
 1. dAP per error type, mean and per class: the mAP gained if an oracle fixed that type alone
    (classification, localisation, both, duplicate, background, missed; then all false positives
    and all false negatives), with the number of errors of each type.  AP: VOC07 11-point
-   (--metric 07) or area, devkit matching at IoU 0.5; see detector/metrics/error_analysis.py.
+   (--metric 07), area, or COCO's 101-point as TIDE; devkit matching at IoU 0.5; see
+   detector/metrics/error_analysis.py.
 2. recall by class and by object size (COCO's small/medium/large by default, --size-edges to
    change): objects detected, missed, and with proposals (--proposals FILE, or selective search
    through --ss-cache with the config's proposal settings) proposal recall at IoU 0.5 and 0.7 and
@@ -60,7 +62,8 @@ def main(argv=None) -> int:
     ap.add_argument("--comp-id", default="comp4", help="prefix of the devkit files (<comp>_det_<split>_<class>.txt)")
     ap.add_argument("--classes", default=None, help="comma-separated class list in label order (default: the "
                                                     "config's classes, else the dataset's)")
-    ap.add_argument("--metric", default="07", choices=["07", "area"], help="VOC07 11-point or VOC2010+ area AP")
+    ap.add_argument("--metric", default="07", choices=["07", "area", "coco101"],
+                    help="AP: VOC07 11-point, VOC2010+ area, or COCO's 101-point (TIDE's own), all at --fg-iou")
     ap.add_argument("--fg-iou", type=float, default=0.5, help="t_f: a match (TIDE's foreground IoU)")
     ap.add_argument("--bg-iou", type=float, default=0.1, help="t_b: below it with every object, a background error")
     ap.add_argument("--size-edges", type=float, nargs="+", default=[32, 96], metavar="PX",
@@ -95,7 +98,7 @@ def main(argv=None) -> int:
     dets = Path(args.detections)
     boxes, labels, scores = read_detections(dets, args.split, names, ids, args.comp_id)
     gts = ([r.boxes for r in recs], [r.labels for r in recs], [r.difficult for r in recs])
-    rep = ea.analyze_errors(boxes, labels, scores, *gts, n_classes=len(names), use_07_metric=args.metric == "07",
+    rep = ea.analyze_errors(boxes, labels, scores, *gts, n_classes=len(names), metric=args.metric,
                             fg_iou=args.fg_iou, bg_iou=args.bg_iou)
 
     props, source = None, "none"

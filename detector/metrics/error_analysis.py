@@ -30,9 +30,10 @@ Matching and AP are the devkit's (`detector.metrics.voc`): per class, detections
 (stable), each takes the GT of its class with the highest +1 IoU (difficult ones included: a
 match to a difficult GT is neither TP nor FP), t_f = 0.5; so the base AP here equals
 `eval_detection_voc` on the same arrays.  Difficult GT are otherwise invisible to the analysis.
-AP is VOC07 11-point (`use_07_metric=True`) or VOC2010+ area; TIDE itself uses COCO's
-101-point AP, so our dAP differ from tidecv's in scale, not in meaning.  A class that a fix
-leaves without positives (all its objects missed) scores AP 1 there: nothing is left to find.
+AP (`metric`): "07", VOC07 11-point (the default, our headline figure); "area", VOC2010+; or
+"coco101", COCO's 101-point interpolated AP at IoU t_f, which TIDE reports (so figures compare
+with published TIDE dAP, x100).  A class that a fix leaves without positives (all its objects
+missed) scores AP 1 there: nothing is left to find.
 
 Why our own code and not `tidecv` (the authors' package, 1.0.1 of 2020, not updated since): it
 computes COCO 101-point AP only, has no difficult objects and no +1 convention, so its base AP
@@ -42,7 +43,12 @@ which would replace the opencv-contrib-python-headless this toolkit pins (both i
 plus seaborn and pandas.  One deliberate difference in the oracle: tidecv lets the best error
 of a GT over cls *and* loc errors take the GT even when only one of the types is fixed (so
 fixing loc can remove a loc error because an unfixed cls error scored higher); here the best
-error among the types being fixed takes it.
+error among the types being fixed takes it (`tidecv_oracle=True` does as tidecv).
+
+Checked against tidecv 1.0.1 itself (bench/tidecv_agreement.py, tidecv in a separate venv):
+with metric="coco101", tidecv_oracle=True and tidecv's recall thresholds (k/100; ours are
+COCOeval's, see COCO_RECALL_THRESHOLDS), base AP, the count of every type and every dAP (the
+six, FP and FN) agree exactly on random scenes, sparse and crowded.
 
 `recall_breakdown` adds, per class and per object size: the share of objects detected, the
 share missed (as above), and proposal recall at IoU 0.5 and 0.7 (the share of objects that some
@@ -68,17 +74,29 @@ SPECIAL_TYPES = ("FP", "FN")
 ERROR_NAMES = {"cls": "classification", "loc": "localisation", "both": "both cls+loc", "dupe": "duplicate",
                "bkg": "background", "missed": "missed", "FP": "all false positives", "FN": "all false negatives"}
 TP, IGNORED = -1, -2  # det_type codes besides FP_TYPES' indices
+# COCOeval's recall thresholds for "coco101" (np.linspace: 10 of them are 1 ulp off k/100, which
+# tidecv uses; a recall landing exactly on one of those is read at the next PR point by COCOeval)
+COCO_RECALL_THRESHOLDS = np.linspace(0.0, 1.0, 101)
 COCO_SIZE_EDGES = (32.0, 96.0)  # sqrt(area) px: COCO's small < 32^2 <= medium < 96^2 <= large
 
 
-def _metric_name(use_07_metric: bool) -> str:
-    return "VOC07 11-point" if use_07_metric else "VOC2010+ area"
+METRICS = {"07": "VOC07 11-point", "area": "VOC2010+ area", "coco101": "COCO 101-point"}
+
+
+def _ap(prec: np.ndarray, rec: np.ndarray, metric: str) -> float:
+    if metric != "coco101":
+        return float(calc_detection_voc_ap([prec], [rec], metric == "07")[0])
+    # COCOeval's (and tidecv's): the precision envelope read at recall 0, 0.01, .., 1 (first
+    # point reaching each), 0 past the largest recall
+    p = np.maximum.accumulate(np.nan_to_num(prec, nan=0.0)[::-1])[::-1]
+    i = np.searchsorted(rec, COCO_RECALL_THRESHOLDS, side="left")
+    return float(np.where(i < len(p), p[np.minimum(i, len(p) - 1)], 0.0).mean()) if len(p) else 0.0
 
 
 def analyze_errors(pred_boxes: Sequence, pred_labels: Sequence, pred_scores: Sequence,
                    gt_boxes: Sequence, gt_labels: Sequence, gt_difficults: Optional[Sequence] = None, *,
-                   n_classes: Optional[int] = None, use_07_metric: bool = True,
-                   fg_iou: float = 0.5, bg_iou: float = 0.1) -> dict:
+                   n_classes: Optional[int] = None, metric: str = "07",
+                   fg_iou: float = 0.5, bg_iou: float = 0.1, tidecv_oracle: bool = False) -> dict:
     """TIDE-style split of the missing AP (module docstring: the types, their fixes, the AP).
 
     Per-image lists, as `eval_detection_voc` takes them but with boxes in our 0-based continuous
@@ -93,6 +111,8 @@ def analyze_errors(pred_boxes: Sequence, pred_labels: Sequence, pred_scores: Seq
       gt_state: per image, an int per GT: 0 detected, 1 covered by a loc/cls error, 2 missed,
         -1 difficult.
     """
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {sorted(METRICS)}, got {metric!r}")
     if not 0 < bg_iou <= fg_iou <= 1:
         raise ValueError(f"need 0 < bg_iou <= fg_iou <= 1, got bg_iou {bg_iou}, fg_iou {fg_iou}")
     pb, pl, ps = check_detections(pred_boxes, pred_labels, pred_scores)
@@ -183,10 +203,12 @@ def analyze_errors(pred_boxes: Sequence, pred_labels: Sequence, pred_scores: Seq
         fixing = (is_loc & ("loc" in fix)) | (is_cls & ("cls" in fix))
         if fixing.any():
             keep &= ~fixing  # removed, except each free GT's best error below
-            idx = np.flatnonzero(fixing & ~gt_used[np.maximum(target, 0)])
+            rivals = (is_loc | is_cls) if tidecv_oracle else fixing
+            idx = np.flatnonzero(rivals & ~gt_used[np.maximum(target, 0)])
             idx = idx[np.lexsort((idx, -scores[idx]))]  # best score first; ties: input order
             _, first = np.unique(target[idx], return_index=True)
             win = idx[first]
+            win = win[fixing[win]]
             keep[win], new_tp[win] = True, True
             new_labels[win] = g_labels[target[win]]
         if "missed" in fix:
@@ -204,7 +226,7 @@ def analyze_errors(pred_boxes: Sequence, pred_labels: Sequence, pred_scores: Seq
             f_c = np.cumsum(~new_tp[order] & ~ignored[order]).astype(np.float64)
             with np.errstate(invalid="ignore", divide="ignore"):
                 prec = t_c / (t_c + f_c)
-            ap[c] = calc_detection_voc_ap([prec], [t_c / pos[c]], use_07_metric)[0]
+            ap[c] = _ap(prec, t_c / pos[c], metric)
         return ap
 
     base = ap_after(set())
@@ -221,7 +243,7 @@ def analyze_errors(pred_boxes: Sequence, pred_labels: Sequence, pred_scores: Seq
     gt_state = np.where(g_diff, -1, np.where(gt_used, 0, np.where(covered, 1, 2)))
     det_split = np.cumsum([len(x) for x in pl])[:-1]
     gt_split = np.cumsum([len(x) for x in gl])[:-1]
-    return {"metric": _metric_name(use_07_metric), "fg_iou": float(fg_iou), "bg_iou": float(bg_iou),
+    return {"metric": METRICS[metric], "fg_iou": float(fg_iou), "bg_iou": float(bg_iou),
             "n_classes": n_cls, "ap": base, "map": mean(base), "dap": dap, "dap_per_class": dap_pc,
             "counts": counts, "n_gt": n_pos, "n_det": np.bincount(labels, minlength=n_cls),
             "n_tp": np.bincount(labels[tp], minlength=n_cls),
@@ -316,10 +338,9 @@ def format_errors(report: Mapping, class_names: Sequence[str]) -> str:
     names = [str(c) for c in class_names]
     w = max([12] + [len(n) for n in names])
     lines = [f"TIDE-style error analysis: {report['metric']} AP, devkit matching at IoU {report['fg_iou']:g}, "
-             f"background below IoU {report['bg_iou']:g}",
-             f"mAP {_f(report['map'])}; missing {_f(1 - report['map'])}.  dAP = the mAP gained by fixing "
-             "that type alone (an oracle); (n) = false positives of that type by predicted class, or "
-             "objects missed"]
+             f"background below IoU {report['bg_iou']:g}; mAP {_f(report['map'])}, missing {_f(1 - report['map'])}",
+             "dAP: the mAP gained if an oracle fixed that type alone; (n): false positives of the type by "
+             "predicted class, or objects missed"]
     head = f"{'error':<22}{'dAP':>8}  " + "  ".join(f"{n:>{w}}" for n in names)
     lines += [head, "-" * len(head)]
     for t in ERROR_TYPES + SPECIAL_TYPES:
