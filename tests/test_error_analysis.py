@@ -531,6 +531,31 @@ def test_tool_with_proposal_file(tiny, tmp_path):
     assert js["recall"]["all"]["missed_unproposed"] == 1
 
 
+def test_tool_reads_a_coco_datasets_own_ids(tiny, tmp_path):
+    # the same three images as a COCO annotation file with ids 10/20/30 and categories 5 (cat), 7 (dog)
+    root, _ = tiny
+    gt = {"images": [{"id": 10 * (k + 1), "file_name": f"im{k}.jpg", "width": 120, "height": 100} for k in range(3)],
+          "categories": [{"id": 5, "name": "cat"}, {"id": 7, "name": "dog"}],
+          "annotations": [{"id": 1, "image_id": 10, "category_id": 5, "bbox": [10, 10, 40, 40], "area": 1600,
+                           "iscrowd": 0},
+                          {"id": 2, "image_id": 20, "category_id": 7, "bbox": [20, 20, 60, 40], "area": 2400,
+                           "iscrowd": 0}]}
+    ann = tmp_path / "gt.json"
+    ann.write_text(json.dumps(gt))
+    res = [{"image_id": 10, "category_id": 5, "bbox": [10, 10, 40, 40], "score": 0.9},
+           {"image_id": 20, "category_id": 5, "bbox": [20, 20, 60, 40], "score": 0.8}]  # a cls error
+    dets = tmp_path / "res.json"
+    dets.write_text(json.dumps(res))
+    p = tool("--dataset", ann, "--image-dir", root / "JPEGImages", "--detections", dets, "--json-ids", "dataset",
+             "--out", tmp_path / "o")
+    assert p.returncode == 0, p.stderr
+    js = json.loads((tmp_path / "o" / "errors_test.json").read_text())
+    assert js["errors"]["counts"]["cls"] == [1, 0] and js["errors"]["n_tp"] == [1, 0]
+    # with our positional ids, image 10 and category 5 do not exist: one error line
+    p = tool("--dataset", ann, "--image-dir", root / "JPEGImages", "--detections", dets, "--out", tmp_path / "o")
+    assert p.returncode == 2 and p.stderr.count("error:") == 1, p.stderr
+
+
 @pytest.mark.parametrize("case", ["missing", "bad_json", "bad_line"])
 def test_tool_bad_input_is_one_error_line(tiny, tmp_path, case):
     import shutil

@@ -8,7 +8,8 @@
 
 --detections is a folder of the devkit's result files (comp4_det_<split>_<class>.txt, as
 tools/test_voc.py and bench/peer_fasterrcnn.py write them) or a COCO results json (image ids
-1..N in the split's order, category ids 1..K in class order: what those tools write).
+1..N in the split's order, category ids 1..K in class order: what those tools write; with a
+COCO annotation file as --dataset, --json-ids dataset reads the file's own ids instead).
 
 Prints two tables and writes them, with a plot, to --out (default: beside the detections):
   errors_<split>.txt / .png / .json
@@ -34,17 +35,23 @@ from detector.cli import run_tool  # noqa: E402
 from detector.config import add_config_args  # noqa: E402
 
 
-def read_detections(path: Path, split: str, class_names: list, image_ids: list, comp_id: str):
+def read_detections(path: Path, split: str, ds, comp_id: str, json_ids: str):
     """(boxes, labels, scores) per image from a devkit folder or a COCO json; a damaged file is
     an InputError naming it."""
     from detector.errors import InputError
     from detector.metrics.result_files import read_coco_results, read_voc_results
 
+    image_ids = [r.image_id for r in ds.records]
     try:
         if path.is_dir():
-            return read_voc_results(path, split, class_names, image_ids, comp_id)
+            return read_voc_results(path, split, ds.class_names, image_ids, comp_id)
         if path.suffix.lower() == ".json":
-            return read_coco_results(path, list(range(1, len(image_ids) + 1)), list(range(1, len(class_names) + 1)))
+            if json_ids == "dataset":
+                if not hasattr(ds, "coco_image_ids"):
+                    raise InputError("--json-ids dataset needs a COCO annotation file as --dataset")
+                return read_coco_results(path, ds.coco_image_ids, ds.coco_category_ids)
+            return read_coco_results(path, list(range(1, len(image_ids) + 1)),
+                                     list(range(1, len(ds.class_names) + 1)))
     except ValueError as e:
         raise InputError(f"{path}: {e}" if str(path) not in str(e) else str(e)) from None
     if not path.exists():
@@ -60,6 +67,9 @@ def main(argv=None) -> int:
     ap.add_argument("--detections", required=True, metavar="DIR|JSON",
                     help="devkit result files' folder or a COCO results json")
     ap.add_argument("--comp-id", default="comp4", help="prefix of the devkit files (<comp>_det_<split>_<class>.txt)")
+    ap.add_argument("--json-ids", default="ours", choices=["ours", "dataset"],
+                    help="a COCO json's ids: ours (images 1..N in split order, categories 1..K in class order, "
+                         "as our tools write) or dataset (the COCO annotation file's own ids)")
     ap.add_argument("--classes", default=None, help="comma-separated class list in label order (default: the "
                                                     "config's classes, else the dataset's)")
     ap.add_argument("--metric", default="07", choices=["07", "area", "coco101"],
@@ -96,7 +106,7 @@ def main(argv=None) -> int:
     recs = ds.records
     ids = [r.image_id for r in recs]
     dets = Path(args.detections)
-    boxes, labels, scores = read_detections(dets, args.split, names, ids, args.comp_id)
+    boxes, labels, scores = read_detections(dets, args.split, ds, args.comp_id, args.json_ids)
     gts = ([r.boxes for r in recs], [r.labels for r in recs], [r.difficult for r in recs])
     rep = ea.analyze_errors(boxes, labels, scores, *gts, n_classes=len(names), metric=args.metric,
                             fg_iou=args.fg_iou, bg_iou=args.bg_iou)
