@@ -36,14 +36,15 @@ with published TIDE dAP, x100).  A class that a fix leaves without positives (al
 missed) scores AP 1 there: nothing is left to find.
 
 Why our own code and not `tidecv` (the authors' package, 1.0.1 of 2020, not updated since): it
-computes COCO 101-point AP only, has no difficult objects and no +1 convention, so its base AP
-is not the devkit's; it matches each detection greedily to the best *unused* GT (the devkit
-counts a detection whose best GT is taken as a duplicate); and it depends on opencv-python,
-which would replace the opencv-contrib-python-headless this toolkit pins (both install `cv2`),
-plus seaborn and pandas.  One deliberate difference in the oracle: tidecv lets the best error
-of a GT over cls *and* loc errors take the GT even when only one of the types is fixed (so
-fixing loc can remove a loc error because an unfixed cls error scored higher); here the best
-error among the types being fixed takes it (`tidecv_oracle=True` does as tidecv).
+computes COCO 101-point AP only, has no difficult objects (crowd-style ignore regions instead)
+and no +1 convention, so its base AP is not the devkit's; it matches each detection greedily to
+the best *unused* GT (the devkit counts a detection whose best GT is taken as a duplicate); and
+it depends on opencv-python, which would replace the opencv-contrib-python-headless this toolkit
+pins (both install `cv2`), plus seaborn and pandas.  One deliberate difference in the oracle:
+tidecv lets the best error of a GT over cls *and* loc errors take the GT even when only one of
+the types is fixed (so fixing loc can remove a loc error because an unfixed cls error scored
+higher); here the best error among the types being fixed takes it (`tidecv_oracle=True` does as
+tidecv).
 
 Checked against tidecv 1.0.1 itself (bench/tidecv_agreement.py, tidecv in a separate venv):
 with metric="coco101", tidecv_oracle=True and tidecv's recall thresholds (k/100; ours are
