@@ -323,7 +323,7 @@ def test_coco101_reads_recall_as_cocoeval():
     # COCOeval's np.linspace(0, 1, 101)[35] is 0.35000000000000003, which recall 0.35 does not
     # reach (with k/100, as tidecv, it would read 1: (36 + 5 * 8/9) / 101).
     from detector.metrics.result_files import coco_results_from_arrays
-    from detector.metrics.voc import coco_gt_from_arrays, eval_coco
+    from detector.metrics.coco import coco_gt_from_arrays, eval_coco
 
     gb = [arr((0, 0, 10, 10))] * 20
     gl = [np.array([0])] * 20
@@ -339,7 +339,7 @@ def test_coco101_reads_recall_as_cocoeval():
 @pytest.mark.parametrize("seed", range(3))
 def test_coco101_base_ap_is_pycocotools_ap50(seed):
     from detector.metrics.result_files import coco_results_from_arrays
-    from detector.metrics.voc import coco_gt_from_arrays, eval_coco
+    from detector.metrics.coco import coco_gt_from_arrays, eval_coco
 
     pb, pl, ps, gb, gl = sparse_scene(seed)
     rep = analyze_errors(pb, pl, ps, gb, gl, n_classes=3, metric="coco101")

@@ -66,8 +66,8 @@ from typing import Mapping, Optional, Sequence
 
 import numpy as np
 
-from detector.metrics.voc import (_devkit_overlaps, _n_classes, calc_detection_voc_ap, check_detections,
-                                  check_ground_truth, to_devkit_boxes)
+from detector.metrics.voc import (_devkit_overlaps, calc_detection_voc_ap, check_detections, check_ground_truth,
+                                  count_classes, to_devkit_boxes)
 
 FP_TYPES = ("cls", "loc", "both", "dupe", "bkg")
 ERROR_TYPES = FP_TYPES + ("missed",)
@@ -120,7 +120,7 @@ def analyze_errors(pred_boxes: Sequence, pred_labels: Sequence, pred_scores: Seq
     gb, gl, gd = check_ground_truth(gt_boxes, gt_labels, gt_difficults)
     if len(pb) != len(gb):
         raise ValueError(f"predictions cover {len(pb)} images but ground truth covers {len(gb)}")
-    n_cls = _n_classes(pl + gl, n_classes)
+    n_cls = count_classes(pl + gl, n_classes)
 
     # Per detection (images concatenated, rows in order): the IoUs the matching and the types need.
     cols = {k: [] for k in ("best_gt", "passes", "loc_iou", "loc_gt", "cls_iou", "cls_gt", "any_iou")}
