@@ -41,7 +41,9 @@ selective search inside (what a new image costs), scored by the same evaluator; 
 Time per image: median over the test images, from the decoded RGB image to the detections
 (JPEG decoding excluded for both; ours includes selective search), after one warm-up image.
 Training, the peer's test and ours' test each run in a fresh process, whose peak RSS
-(getrusage ru_maxrss) is reported.  Ends with
+(getrusage ru_maxrss) is reported.  The test detections are written to --results (default
+--out/results_<split>), peer/ and ours/, as tools/test_voc.py writes them (devkit files and a COCO
+json), for tools/analyze_errors.py.  Ends with
 
   peer_map = X          peer VOC07 mAP      ours_map = Y          ours VOC07 mAP (nan: skipped)
   peer_s_per_image = A                      ours_s_per_image = B  (nan: skipped)
@@ -422,6 +424,18 @@ def evaluate(class_names: list, records: list, results: list) -> dict:
     return {"voc07": voc07, "area": area, "coco": coco, "n_gt": n_gt, "n_det": n_det}
 
 
+def write_results(folder: Path, split: str, class_names: list, records: list, results: list) -> None:
+    """The detections as tools/test_voc.py writes them (devkit files and a COCO json, image ids 1..N in
+    split order), so tools/analyze_errors.py can read either detector's."""
+    from detector.metrics.result_files import write_coco_results, write_voc_results
+
+    folder.mkdir(parents=True, exist_ok=True)
+    b, lab, s = ([r[k] for r in results] for k in ("boxes", "labels", "scores"))
+    write_voc_results(folder, split, class_names, [r.image_id for r in records], b, lab, s)
+    write_coco_results(folder / f"coco_results_{split}.json", list(range(1, len(records) + 1)),
+                       list(range(1, len(class_names) + 1)), b, lab, s)
+
+
 def print_eval(name: str, class_names: list, ev: dict) -> None:
     from detector.metrics.voc import format_ap_table
 
@@ -505,6 +519,9 @@ def main(argv=None) -> int:
     ours.add_argument("--ours-results", default=None, metavar="DIR",
                       help="take ours' detections from a tools/test_voc.py run (its comp4_det_<split>_<class>.txt "
                            "files; mAP only, ours_s_per_image is then nan)")
+    ap.add_argument("--results", default=None, metavar="DIR",
+                    help="where the test detections go, peer/ and ours/ (devkit files and COCO json, for "
+                         "tools/analyze_errors.py; default: --out/results_<split>)")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads in every phase")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
@@ -592,6 +609,8 @@ def main(argv=None) -> int:
     print()
     peer_ev = evaluate(class_names, test_recs, pt["results"])
     print_eval("peer (Faster R-CNN)", class_names, peer_ev)
+    results_dir = Path(args.results) if args.results else out / f"results_{args.split}"
+    write_results(results_dir / "peer", args.split, class_names, test_recs, pt["results"])
 
     # ------------------------------------------------------------ ours
     ours_ev, ours_s, ot = None, float("nan"), None
@@ -603,6 +622,7 @@ def main(argv=None) -> int:
               f"{ot['peak_rss_mb']:.0f} MB")
         print()
         ours_ev = evaluate(class_names, test_recs, ot["results"])
+        write_results(results_dir / "ours", args.split, class_names, test_recs, ot["results"])
     elif args.ours_results:
         from detector.metrics.result_files import read_voc_results
 
@@ -628,6 +648,8 @@ def main(argv=None) -> int:
               + (f", ours {fmt(ours_ev['voc07']['ap'][k])}" if ours_ev is not None else ""))
     print("(ours' training is not run here: its time and RSS come from bench/train_cost.py; s/image: median over "
           "the test images, decoded image -> detections, ours with selective search)")
+    print(f"detections: {results_dir}/peer" + (f" and {results_dir}/ours" if run_ours else "")
+          + " (devkit files and COCO json; tools/analyze_errors.py --detections DIR splits their errors)")
     print()
     print(f"peer_map = {peer_ev['voc07']['map']:.4f}")
     print(f"ours_map = {ours_ev['voc07']['map'] if ours_ev is not None else float('nan'):.4f}")

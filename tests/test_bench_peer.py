@@ -43,6 +43,11 @@ def test_tiny_run_prints_the_four_results(data, tmp_path):
     assert math.isfinite(values["peer_s_per_image"]) and values["peer_s_per_image"] > 0
     assert math.isnan(values["ours_map"]) and math.isnan(values["ours_s_per_image"])
     assert (out / "model.pt").is_file() and not (out / "checkpoint.pt").exists()
+    # the peer's detections, readable by tools/analyze_errors.py (one devkit file per class, COCO json)
+    res = out / "results_test" / "peer"
+    n_classes = len((data / "classes.txt").read_text().split())
+    assert len(list(res.glob("comp4_det_test_*.txt"))) == n_classes and (res / "coco_results_test.json").is_file()
+    assert not (out / "results_test" / "ours").exists()
 
 
 def _without_objects(data: Path, dst: Path, ids=None) -> Path:
