@@ -61,7 +61,8 @@ class FeatureExtractor:
         self.max_upscale = float(max_upscale)
         self.device = resolve_device(device)
         # channels-last inputs: the same maps up to float rounding, 1.4-1.7x faster for Lite0 on a
-        # CPU in most runs (BENCHMARKS.md, "Classification"); the classifier uses it, detection not yet
+        # CPU in most runs (BENCHMARKS.md, "Classification"); the classifier uses it, detection when
+        # features.channels_last is set
         self.channels_last = bool(channels_last)
         self.backbone.trunk.to(self.device).eval()
         # On a GPU the uint8 image is uploaded once and resized there (torch bilinear); on the

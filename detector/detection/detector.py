@@ -59,6 +59,7 @@ class SPPDetector:
             embedder.head.eval()
         self.predictor = predictor
         self.extractor = FeatureExtractor(embedder.backbone, cfg.features.scales, cfg.features.max_size, device,
+                                          channels_last=cfg.features.channels_last,
                                           max_upscale=cfg.features.max_upscale)
         if (predictor.feature_dim, predictor.num_classes) != (embedder.feature_dim, len(self.class_names)):
             raise ModelFormatError(f"SVM weights have shape {(predictor.feature_dim, predictor.num_classes)}, which "

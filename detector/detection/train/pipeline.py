@@ -325,7 +325,7 @@ def prepare(dataset: str, run_dir: str, cfg: Config, train_split: str = "trainva
     torch.manual_seed(cfg.seed)  # before the backbone: building it draws from the generator, then the fc init does
     r.backbone = build_backbone(cfg.backbone)
     extractor = FeatureExtractor(r.backbone, cfg.features.scales, cfg.features.max_size, cfg.features.device,
-                                 max_upscale=cfg.features.max_upscale)
+                                 channels_last=cfg.features.channels_last, max_upscale=cfg.features.max_upscale)
     r.fcache = FeatureCache(r.cache / "features", extractor, cfg.features.cache_dtype)
     r.maps = MapMemory(r.fcache, cfg.features.ram_cache_mb, extractor.device)
     if proposals_file is not None:
