@@ -196,11 +196,11 @@ def test_proposals_are_in_original_pixels_clipped_and_ordered():
 
 # --------------------------------------------------------------------------- learning on dense scenes
 
-def dense_scene(seed: int, W: int = 320, H: int = 240):
-    """Densely packed, touching cells of one colour (like BCCD's red cells) and a few small dark
-    ones on a noisy pale background: (HxWx3 uint8 RGB, boxes [N, 4])."""
+def dense_scene(seed: int, W: int = 320, H: int = 240, gap: float = 0.85, tone: float = 8.0):
+    """Densely packed, touching cells of one colour (like BCCD's red cells: pale centres, darker
+    rims) and a few small dark ones on a noisy pale background: (HxWx3 uint8 RGB, boxes [N, 4]).
+    Cells' centres are at least `gap` times the sum of their radii apart; `tone`: colour jitter."""
     rng = np.random.default_rng([seed, 7])
-    yy, xx = np.mgrid[0:H, 0:W].astype(np.float32)
     img = np.empty((H, W, 3), np.float32)
     img[:] = np.array([225, 205, 190], np.float32) + rng.normal(0, 6, (H, W, 1))
     boxes, centres = [], []
@@ -212,16 +212,102 @@ def dense_scene(seed: int, W: int = 320, H: int = 240):
         ar = rng.uniform(0.8, 1.25)
         rx, ry = r * np.sqrt(ar), r / np.sqrt(ar)
         cx, cy = rng.uniform(0, W), rng.uniform(0, H)
-        if any(np.hypot(cx - c[0], cy - c[1]) < 0.85 * (r + c[2]) for c in centres):
+        if any(np.hypot(cx - c[0], cy - c[1]) < gap * (r + c[2]) for c in centres):
             continue
+        x0, x1 = max(int(cx - rx) - 1, 0), min(int(cx + rx) + 2, W)  # the cell's patch only
+        y0, y1 = max(int(cy - ry) - 1, 0), min(int(cy + ry) + 2, H)
+        yy, xx = np.mgrid[y0:y1, x0:x1].astype(np.float32)
         d = ((xx + 0.5 - cx) / rx) ** 2 + ((yy + 0.5 - cy) / ry) ** 2
         inside = d <= 1
         if inside.sum() < 20:
             continue
         ys, xs = np.nonzero(inside)
-        col = np.array([120, 60, 160]) if small else np.array([200, 110, 110]) + rng.normal(0, 8, 3)
-        img = np.where(inside[..., None], col * (0.85 + 0.25 * np.sqrt(np.clip(d, 0, 1)))[..., None], img)
-        boxes.append([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1])
+        col = np.array([120, 60, 160]) if small else np.array([200, 110, 110]) + rng.normal(0, tone, 3)
+        patch = img[y0:y1, x0:x1]
+        patch[inside] = (col * (0.85 + 0.25 * np.sqrt(d[inside]))[:, None])
+        boxes.append([x0 + xs.min(), y0 + ys.min(), x0 + xs.max() + 1, y0 + ys.max() + 1])
         centres.append((cx, cy, r))
     img = np.clip(img + rng.normal(0, 4, img.shape), 0, 255).astype(np.uint8)
     return img, np.asarray(boxes, np.float32)
+
+
+SCALE = 360  # the scenes' 240 px upscaled 1.5x (BCCD's 480 px go to 688): cells span 2-4 map cells
+
+
+@pytest.fixture(scope="module")
+def dense():
+    """30 training and 12 test scenes of touching same-coloured cells, their Lite0 maps (and the
+    training mirror maps), and a proposal head trained on them."""
+    from detector.core.backbones import efficientnet_lite0
+    from detector.core.features import FeatureExtractor
+
+    train = [dense_scene(i, gap=0.7, tone=0.0) for i in range(30)]
+    test = [dense_scene(1000 + i, gap=0.7, tone=0.0) for i in range(12)]
+    bb = efficientnet_lite0()
+    ex = FeatureExtractor(bb, [SCALE], 2000, "cpu")
+    maps = {}
+    for i, (img, _) in enumerate(train):
+        maps[i, False], maps[i, True] = ex.with_mirror(img)
+    test_maps = [ex(img) for img, _ in test]
+    boxes = [b for _, b in train]
+    spec = derive_anchors(boxes, [(320, 240)] * len(train), [SCALE], 2000, bb.stride, bb.offset)
+    cfg = RPNTrainConfig(iterations=ITERATIONS, lr_steps=(ITERATIONS * 3 // 4,), checkpoint_every=ITERATIONS // 2)
+    rpn = RPN(bb.channels, spec, ProposalSettings(post_nms_top_n=1000), seed=0)
+    info = train_rpn(rpn, lambda i, f: maps[i, f], boxes, cfg, seed=0, progress=False)
+    return {"train": train, "test": test, "maps": maps, "test_maps": test_maps, "boxes": boxes, "spec": spec,
+            "cfg": cfg, "rpn": rpn, "info": info, "channels": bb.channels}
+
+
+ITERATIONS = 300
+
+
+def test_learned_proposals_beat_selective_search_on_dense_scenes(dense):
+    from detector.proposals import proposal_recall, selective_search
+
+    gts = [b for _, b in dense["test"]]
+    rpn_boxes = [dense["rpn"].propose(m)[0] for m in dense["test_maps"]]
+    ss_boxes = [selective_search(img) for img, _ in dense["test"]]
+    rpn_r = proposal_recall(rpn_boxes, gts, top_ns=(100, 300))
+    ss_r = proposal_recall(ss_boxes, gts, top_ns=(300, 2000))
+    k7 = int(np.flatnonzero(np.isclose(rpn_r["iou_thresholds"], 0.7))[0])
+    # 300 learned boxes against selective search's 300 and its 2,000, at IoU 0.7, and in AR
+    # (measured: 0.94 against 0.60 and 0.87; AR 0.75 against 0.54)
+    assert rpn_r["recall"][1, k7] > ss_r["recall"][0, k7] + 0.15
+    assert rpn_r["recall"][1, k7] > ss_r["recall"][1, k7]
+    assert rpn_r["ar"][1] > ss_r["ar"][0] + 0.1
+    # and it learned: the untrained head does far worse (measured: 0.11)
+    fresh = RPN(dense["channels"], dense["spec"], ProposalSettings(post_nms_top_n=1000), seed=0)
+    fresh_r = proposal_recall([fresh.propose(m)[0] for m in dense["test_maps"]], gts, top_ns=(300,))
+    assert rpn_r["recall"][1, k7] > fresh_r["recall"][0, k7] + 0.3
+
+
+def test_training_is_deterministic_and_resumes_to_the_same_head(dense, tmp_path):
+    """The same seed gives the same head and proposals; a run interrupted after its checkpoint
+    and run again ends with the same head, bit for bit; another seed differs."""
+    ckpt = tmp_path / "rpn_ckpt.pt"
+    calls = {"n": 0}
+    per_iter = dense["cfg"].images_per_batch
+    stop_after = (ITERATIONS // 2 + 7) * per_iter  # maps read before the interruption
+
+    def flaky(i, f):
+        calls["n"] += 1
+        if calls["n"] > stop_after:
+            raise KeyboardInterrupt
+        return dense["maps"][i, f]
+
+    rpn = RPN(dense["channels"], dense["spec"], ProposalSettings(post_nms_top_n=1000), seed=0)
+    with pytest.raises(KeyboardInterrupt):
+        train_rpn(rpn, flaky, dense["boxes"], dense["cfg"], seed=0, checkpoint=ckpt, progress=False)
+    assert ckpt.is_file()
+    rpn = RPN(dense["channels"], dense["spec"], ProposalSettings(post_nms_top_n=1000), seed=0)
+    info = train_rpn(rpn, lambda i, f: dense["maps"][i, f], dense["boxes"], dense["cfg"], seed=0, checkpoint=ckpt,
+                     progress=False)
+    assert info["resumed_from"] == ITERATIONS // 2
+    ref = dense["rpn"].state_arrays()
+    assert all(torch.equal(v, ref[k]) for k, v in rpn.state_arrays().items())
+    m = dense["test_maps"][0]
+    assert all(np.array_equal(a, b) for a, b in zip(rpn.propose(m), dense["rpn"].propose(m)))
+    other = RPN(dense["channels"], dense["spec"], seed=1)
+    short = RPNTrainConfig(iterations=5)
+    train_rpn(other, lambda i, f: dense["maps"][i, f], dense["boxes"], short, seed=1, progress=False)
+    assert not torch.equal(other.state_arrays()["cls_logits.weight"], ref["cls_logits.weight"])

@@ -548,6 +548,7 @@ def train_rpn(rpn: RPN, maps: MapGetter, gt_boxes: Sequence[np.ndarray], cfg: Op
     fingerprint = _fingerprint(rpn, cfg, seed, gt_boxes)
     start = _resume(checkpoint, rpn, opt, fingerprint)
     n_scales = len(maps(0, False))
+    devices = [rpn.device.index or 0] if rpn.device.type == "cuda" else []  # its randperm may run there
     rpn.train()
     t0 = time.perf_counter()
     hist = {"obj": [], "box": [], "pos": []}
@@ -562,6 +563,8 @@ def train_rpn(rpn: RPN, maps: MapGetter, gt_boxes: Sequence[np.ndarray], cfg: Op
         for i, flip, si in zip(images, flips, scales):
             sf = maps(i, bool(flip))[int(si)]
             x = sf.features.to(rpn.device, torch.float32)[None]
+            if x.is_inference():  # maps made under inference_mode (FeatureExtractor's) cannot enter autograd
+                x = x.clone()
             obj, reg = rpn(x)
             objs.append(obj[0])
             regs.append(reg[0])
@@ -569,14 +572,14 @@ def train_rpn(rpn: RPN, maps: MapGetter, gt_boxes: Sequence[np.ndarray], cfg: Op
             targets.append({"boxes": _image_boxes(gt_boxes[i], sf, bool(flip)).to(x.device)})
         labels, matched = tv.assign_targets_to_anchors(anchors, targets)
         reg_targets = tv.box_coder.encode(matched, anchors)
-        with torch.random.fork_rng(devices=[]):  # the sampler draws from the global RNG
+        with torch.random.fork_rng(devices=devices):  # the sampler draws from the global RNG(s)
             torch.manual_seed(_mix(seed, 3, it))
             loss_obj, loss_box = tv.compute_loss(torch.cat(objs), torch.cat(regs), labels, reg_targets)
         opt.zero_grad()
         (loss_obj + loss_box).backward()
         opt.step()
-        hist["obj"].append(float(loss_obj))
-        hist["box"].append(float(loss_box))
+        hist["obj"].append(loss_obj.item())
+        hist["box"].append(loss_box.item())
         hist["pos"].append(float(np.mean([float((lab == 1).sum()) for lab in labels])))
         if progress and (it % 20 == 0 or it == cfg.iterations - 1):
             bar.set_postfix(obj=f"{np.mean(hist['obj'][-50:]):.3f}", box=f"{np.mean(hist['box'][-50:]):.3f}",
