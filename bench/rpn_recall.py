@@ -55,7 +55,8 @@ def main(argv=None) -> int:
     import torch
 
     from detector.core.backbones import build_backbone
-    from detector.core.features import FeatureCache, FeatureExtractor, MapMemory
+    from detector.core.feature_cache import FeatureCache, MapMemory
+    from detector.core.features import FeatureExtractor
     from detector.datasets import load_dataset
     from detector.proposals import compute_proposals, format_recall, proposal_recall, proposals_for, recall_to_json
     from detector.proposals.rpn import (RPN, ProposalSettings, RPNTrainConfig, anchor_recall, check_training_boxes,

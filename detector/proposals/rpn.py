@@ -45,9 +45,9 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead, concat_box_prediction_layers
 from torchvision.ops import box_iou, nms
 
-from detector.cache import atomic_write_bytes, params_digest
+from detector.cache import load_checkpoint, params_digest, save_checkpoint
 from detector.core.features import ScaleFeatures
-from detector.core.projection import resize_factor
+from detector.core.resize import resize_factor
 from detector.datasets.validate import DatasetWarning
 from detector.errors import ConfigError, DatasetError, ModelFormatError
 from detector.progress import progress_bar
@@ -483,17 +483,17 @@ def _fingerprint(rpn: RPN, cfg: RPNTrainConfig, seed: int, gt_boxes: Sequence[np
 
 
 def _save_checkpoint(path: Path, rpn: RPN, opt: torch.optim.Optimizer, it: int, fingerprint: str) -> None:
-    buf = io.BytesIO()
-    torch.save({"iteration": it, "head": rpn.head.state_dict(), "optimizer": opt.state_dict(),
-                "fingerprint": fingerprint}, buf)
-    atomic_write_bytes(path, buf.getvalue())
+    save_checkpoint(path, {"iteration": it, "head": rpn.head.state_dict(), "optimizer": opt.state_dict(),
+                           "fingerprint": fingerprint})
 
 
 def _resume(path: Optional[Path], rpn: RPN, opt: torch.optim.Optimizer, fingerprint: str) -> int:
-    if path is None or not Path(path).is_file():
+    if path is None:
         return 0
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = load_checkpoint(path)
+        if state is None:
+            return 0
         if state.get("fingerprint") != fingerprint:
             log.warning("rpn: checkpoint %s is from other settings or data; starting afresh", path)
             return 0
