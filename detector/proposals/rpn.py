@@ -28,7 +28,6 @@ the same log(1000/16) clip); tests/test_rpn.py checks the two against each other
 """
 from __future__ import annotations
 
-import io
 import logging
 import math
 import time
