@@ -45,6 +45,7 @@ class FeatureConfig:
 
 @dataclass
 class ProposalConfig:
+    method: str = "selective_search"  # selective_search (the paper's; the settings below) | rpn (learned: `rpn`)
     mode: str = "fast"  # fast | quality | single
     resize: int = 500  # longer side (px) selective search runs at; boxes are mapped back
     min_size: int = 8  # drop boxes thinner than this (original pixels)
@@ -55,6 +56,32 @@ class ProposalConfig:
     seed: int = 0  # fixes the order of boxes (and so which survive top_k)
     workers: int = 0  # processes for selective search; 0: every core this process may use
     max_upscale: float = 0.0  # > 0: selective search never enlarges an image more than this (see `resize`)
+
+
+@dataclass
+class RPNConfig:
+    """Learned proposals (proposals.method: rpn): Faster R-CNN's proposal head on the conv map that
+    SPP pools, trained on the cached maps before fine-tuning (detector.proposals.rpn)."""
+    anchor_sizes: list = field(default_factory=list)  # px of the resized image; []: from the training boxes
+    anchor_ratios: list = field(default_factory=list)  # height / width; []: from the training boxes
+    iterations: int = 2000
+    images_per_batch: int = 2
+    lr: float = 0.01
+    lr_steps: list = field(default_factory=lambda: [1500])
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    fg_iou: float = 0.7  # anchors at IoU >= this with a box are positive ...
+    bg_iou: float = 0.3  # ... below this negative
+    anchors_per_image: int = 256
+    positive_fraction: float = 0.5
+    flip: bool = True
+    checkpoint_every: int = 200
+    train_top_n: int = 2000  # proposals per training image for fine-tuning, the SVMs and box regression
+    # test time (changeable for a trained model, like test.*):
+    pre_nms_top_n: int = 6000  # best-scoring anchors per scale decoded
+    nms_iou: float = 0.7
+    min_size: float = 1.0  # original pixels
+    post_nms_top_n: int = 300  # proposals per image at test time
 
 
 @dataclass
@@ -152,6 +179,7 @@ class Config:
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     features: FeatureConfig = field(default_factory=FeatureConfig)
     proposals: ProposalConfig = field(default_factory=ProposalConfig)
+    rpn: RPNConfig = field(default_factory=RPNConfig)
     spp: SPPConfig = field(default_factory=SPPConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     svm: SVMConfig = field(default_factory=SVMConfig)
@@ -297,7 +325,8 @@ def config_from_dict(data: dict) -> Config:
 # result: left out of every digest that decides whether a stage, a cache or a checkpoint
 # can be reused (detection's stages and the classifier's checkpoint alike).
 RESULT_NEUTRAL = (("proposals", "workers"), ("features", "device"), ("features", "ram_cache_mb"),
-                  ("finetune", "checkpoint_every"), ("classifier", "checkpoint_every"), ("backbone", "download"))
+                  ("finetune", "checkpoint_every"), ("classifier", "checkpoint_every"), ("rpn", "checkpoint_every"),
+                  ("backbone", "download"))
 
 
 def result_settings(cfg: "Config") -> dict:
@@ -337,7 +366,10 @@ def validate(cfg: Config) -> None:
                                                        "(0: no cap)")
     _check(f.device in ("auto", "cpu", "cuda") or f.device.startswith("cuda:"),
            f"features.device must be auto, cpu, cuda or cuda:N, got {f.device!r}")
+    _check(p.method in ("selective_search", "rpn"), f"proposals.method must be selective_search or rpn, "
+                                                    f"got {p.method!r}")
     _check(p.mode in ("fast", "quality", "single"), f"proposals.mode must be fast, quality or single, got {p.mode!r}")
+    validate_rpn(cfg.rpn)
     _check(p.workers >= 0, f"proposals.workers must be >= 0 (0: every usable core), got {p.workers}")
     _check(p.top_k >= 0 and p.resize >= 0 and p.min_size >= 0 and p.base_k > 0 and p.inc_k >= 0 and p.sigma >= 0,
            "proposals: top_k, resize, min_size, inc_k and sigma must be >= 0 and base_k > 0")
@@ -378,6 +410,22 @@ def validate(cfg: Config) -> None:
     validate_classifier(cfg.classifier)
 
 
+def validate_rpn(r: RPNConfig) -> None:
+    _check(all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
+               for v in r.anchor_sizes + r.anchor_ratios),
+           f"rpn.anchor_sizes and rpn.anchor_ratios must be positive numbers ([]: derived), got {r.anchor_sizes} "
+           f"and {r.anchor_ratios}")
+    _check(r.iterations >= 0 and r.images_per_batch >= 1 and r.anchors_per_image >= 1 and r.lr > 0
+           and r.checkpoint_every >= 1, "rpn: iterations >= 0, images_per_batch >= 1, anchors_per_image >= 1, "
+                                        "lr > 0 and checkpoint_every >= 1 are needed")
+    _check(0 <= r.bg_iou <= r.fg_iou <= 1, f"rpn: need 0 <= bg_iou <= fg_iou <= 1, got {r.bg_iou}, {r.fg_iou}")
+    _check(0 < r.positive_fraction <= 1, f"rpn.positive_fraction must be in (0, 1], got {r.positive_fraction}")
+    _check(all(isinstance(v, int) for v in r.lr_steps), f"rpn.lr_steps must be integers, got {r.lr_steps}")
+    _check(r.train_top_n >= 1 and r.pre_nms_top_n >= 1 and r.post_nms_top_n >= 1 and 0 < r.nms_iou <= 1
+           and r.min_size >= 0, "rpn: train_top_n, pre_nms_top_n and post_nms_top_n >= 1, nms_iou in (0, 1] and "
+                                "min_size >= 0 are needed")
+
+
 def validate_classifier(c: ClassifierConfig) -> None:
     # No rule against features.max_size: a scale it caps gives a smaller image, and views clip to it.
     _check(c.input in ("crop224", "full", "multisize"), f"classifier.input must be crop224, full or multisize, "
@@ -408,14 +456,22 @@ def validate_classifier(c: ClassifierConfig) -> None:
                                      f"got {c.test_scales}")
 
 
+# Settings a trained model may change (--set in test_voc.py, detect.py): test.* and the learned
+# proposals' test-time settings; everything else (scales, backbone, SVM layer...) is fixed by training.
+TEST_TIME_RPN_KEYS = ("pre_nms_top_n", "nms_iou", "min_size", "post_nms_top_n")
+
+
+def test_time_keys() -> list[str]:
+    return ["test." + f.name for f in dataclasses.fields(TestConfig)] + ["rpn." + k for k in TEST_TIME_RPN_KEYS]
+
+
 def apply_test_overrides(cfg: Config, items: list[str] | None) -> None:
-    """--set for tools that run a trained model: only `test.*` keys, since everything else
-    (scales, backbone, SVM layer...) is fixed by how the model was trained."""
+    """--set for tools that run a trained model: only test-time keys (`test_time_keys`)."""
     for item in items or []:
         k, v = parse_override(item)
-        if not k.startswith("test."):
-            raise ConfigError(f"override '{item}': only test.* keys can change for a trained model "
-                              f"(valid: {', '.join('test.' + f.name for f in dataclasses.fields(TestConfig))})")
+        if k not in test_time_keys():
+            raise ConfigError(f"override '{item}': only test-time keys can change for a trained model "
+                              f"(valid: {', '.join(test_time_keys())})")
         set_value(cfg, k, v)
     validate(cfg)
 

@@ -30,3 +30,19 @@ def smoke_run(tmp_path_factory):
 @pytest.fixture(scope="session")
 def pristine_model(smoke_run):
     return smoke_run[0] / "pristine.safetensors"
+
+
+@pytest.fixture(scope="session")
+def rpn_run(tmp_path_factory):
+    """(folder, dataset, model path) of configs/smoke.yaml with learned proposals
+    (proposals.method: rpn, a 30-iteration head) on the smoke run's kind of data."""
+    from detector.config import load_config
+    from detector.datasets.synthetic import make_synthetic
+    from detector.detection.train.pipeline import train
+
+    tmp = tmp_path_factory.mktemp("rpn")
+    data = make_synthetic(tmp / "data", num_train=16, num_test=6, image_size=(160, 120), seed=3)
+    cfg = load_config(ROOT / "configs" / "smoke.yaml", ["proposals.method=rpn", "rpn.iterations=30",
+                                                        "rpn.checkpoint_every=10"])
+    model_path = train(str(data), str(tmp / "run"), cfg, cache_root=str(tmp / "cache"), progress=False)
+    return tmp, data, model_path

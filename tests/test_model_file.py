@@ -137,6 +137,74 @@ def test_damaged_model_files_load_or_raise_an_input_error(pristine_model, tmp_pa
     assert outcomes["refused"] > 150 and outcomes["loaded"] >= 1, outcomes
 
 
+def rpn_mutations(blob: bytes, seed: int = 1):
+    """The damage that only a model with learned proposals can have: its 'rpn' header entry and
+    its rpn.* tensors (the generic mutations above cover them too, by chance)."""
+    rng = np.random.default_rng(seed)
+    header, data = _split(blob)
+    names = [n for n in _tensor_names(header) if n.startswith("rpn.")]
+    assert len(names) == 6
+
+    def rpn_edit(fn):
+        def edit(m):
+            h = json.loads(m["rpn"])
+            fn(h)
+            m["rpn"] = json.dumps(h)
+        return _edit_meta(blob, edit)
+
+    yield "rpn header missing", _edit_meta(blob, lambda m: m.pop("rpn"))
+    yield "rpn header not JSON", _edit_meta(blob, lambda m: m.__setitem__("rpn", m["rpn"][:-2]))
+    yield "rpn header a list", _edit_meta(blob, lambda m: m.__setitem__("rpn", "[1, 2]"))
+    for key in ("format", "in_channels", "anchors", "settings"):
+        yield f"rpn header without {key}", rpn_edit(lambda h, k=key: h.pop(k))
+        yield f"rpn header {key} a string", rpn_edit(lambda h, k=key: h.__setitem__(k, "x"))
+    yield "rpn anchors: one size more", rpn_edit(lambda h: h["anchors"]["sizes"].append(999.0))
+    yield "rpn anchors: no ratios", rpn_edit(lambda h: h["anchors"].__setitem__("ratios", []))
+    yield "rpn anchors: negative size", rpn_edit(lambda h: h["anchors"]["sizes"].__setitem__(0, -4.0))
+    yield "rpn in_channels", rpn_edit(lambda h: h.__setitem__("in_channels", 7))
+    yield "rpn settings: nms 3", rpn_edit(lambda h: h["settings"].__setitem__("nms_iou", 3.0))
+    yield "method selective_search", _edit_config(blob, lambda c: c["proposals"].__setitem__("method",
+                                                                                                "selective_search"))
+    for name in names:
+        h = json.loads(json.dumps(header))
+        h.pop(name)
+        yield f"without {name}", _join(h, data)
+        h = json.loads(json.dumps(header))
+        h[name]["shape"] = h[name]["shape"][::-1] if len(h[name]["shape"]) > 1 else h[name]["shape"] + [1]
+        yield f"shape swap {name}", _join(h, data)
+    for i in range(20):
+        name = names[int(rng.integers(len(names)))]
+        start, end = header[name]["data_offsets"]
+        hlen = 8 + struct.unpack("<Q", blob[:8])[0]
+        b = bytearray(blob)
+        b[hlen + int(rng.integers(start, end))] = 0xFF  # NaN or a wild value in the head's weights
+        yield f"rpn data {name} {i}", bytes(b)
+
+
+def test_damaged_rpn_model_files_load_or_raise_an_input_error(rpn_run, tmp_path):
+    import detector
+
+    _, _, model_path = rpn_run
+    blob = model_path.read_bytes()
+    assert detector.load(model_path).learned_proposals
+    cases = list(mutations(blob, seed=3)) + list(rpn_mutations(blob))
+    outcomes = {"loaded": 0, "refused": 0}
+    for i, (what, damaged) in enumerate(cases):
+        p = tmp_path / f"r{i}.safetensors"
+        p.write_bytes(damaged)
+        try:
+            model = detector.load(p)
+            outcomes["loaded"] += 1
+            assert model.learned_proposals == (model.cfg.proposals.method == "rpn")
+        except InputError as e:
+            assert str(p) in str(e) and "\n" not in str(e), (what, str(e))  # one line, naming the file
+            outcomes["refused"] += 1
+        except Exception as e:  # pragma: no cover - the failure this test exists to catch
+            pytest.fail(f"{what}: {type(e).__name__}: {e}")
+        p.unlink()
+    assert outcomes["refused"] > 200, outcomes
+
+
 @pytest.mark.parametrize("what,edit,message", [
     ("header flip", lambda b: b[:8] + b"[" + b[9:], "not a readable model file"),
     ("config unknown key", lambda b: _edit_config(b, lambda c: c["proposals"].__setitem__("methoe", 1)),

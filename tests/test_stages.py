@@ -59,3 +59,31 @@ def test_data_and_feature_changes_reach_every_trained_stage():
                                   "classifier.test_scales=[224]", "classifier.trunk_trainable_blocks=2"])
 def test_classifier_settings_change_no_detection_digest(item):
     assert changed(item) == set()
+
+
+@pytest.mark.parametrize("item,expected", [
+    ("rpn.lr=0.02", {"rpn", "proposals", "finetune", "svm_rows", "svm", "bbox_rows", "bbox", "model"}),
+    ("rpn.anchor_sizes=[32,64]", {"rpn", "proposals", "finetune", "svm_rows", "svm", "bbox_rows", "bbox", "model"}),
+    ("rpn.train_top_n=500", {"proposals", "finetune", "svm_rows", "svm", "bbox_rows", "bbox", "model"}),
+    ("rpn.post_nms_top_n=100", {"model"}),  # test time only
+    ("rpn.checkpoint_every=7", set()),
+    ("proposals.mode=quality", {"model"}),  # selective search's settings do not reach learned proposals
+])
+def test_learned_proposals_digests(item, expected):
+    rpn = ["proposals.method=rpn"]
+    a = stage_digests(load_config(None, rpn), "data", "features")
+    b = stage_digests(load_config(None, rpn + [item]), "data", "features")
+    assert {k for k in a if a[k] != b[k]} == expected
+
+
+def test_the_rpn_stage_exists_only_with_learned_proposals_and_mirror_maps_follow_it():
+    from detector.detection.train.stages import STAGES, mirror_maps
+
+    spec = STAGES[STAGE_NAMES.index("rpn")]
+    assert STAGE_NAMES.index("features") < STAGE_NAMES.index("rpn") < STAGE_NAMES.index("proposals")
+    assert not spec.applies(load_config(None)) and spec.applies(load_config(None, ["proposals.method=rpn"]))
+    assert stage_digests(load_config(None), "d", "f")["rpn"] == "-"
+    no_ft_flip = ["finetune.flip=false"]
+    assert not mirror_maps(load_config(None, no_ft_flip))
+    assert mirror_maps(load_config(None, no_ft_flip + ["proposals.method=rpn"]))
+    assert not mirror_maps(load_config(None, no_ft_flip + ["proposals.method=rpn", "rpn.flip=false"]))

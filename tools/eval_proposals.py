@@ -25,8 +25,12 @@ def main(argv=None) -> int:
     ap.add_argument("--dataset", required=True, help="VOC-layout dataset root, or a COCO annotation .json")
     ap.add_argument("--image-dir", default=None, help="COCO only: the images' folder (default: the json's folder)")
     ap.add_argument("--split", default="test", help="ImageSets/Main/<split>.txt")
-    ap.add_argument("--proposals", default=None, metavar="FILE",
-                    help="R-CNN .mat or our .npz; default: selective search through the cache")
+    src = ap.add_mutually_exclusive_group()
+    src.add_argument("--proposals", default=None, metavar="FILE",
+                     help="R-CNN .mat or our .npz; default: selective search through the cache")
+    src.add_argument("--model", default=None, metavar="MODEL",
+                     help="a trained detector: its own proposals (learned ones from its conv maps, or its "
+                          "selective-search settings)")
     ap.add_argument("--cache", default="data/cache/proposals", help="proposal cache root")
     ap.add_argument("--workers", type=int, default=None,
                     help="worker processes (default: proposals.workers; 0: every usable core)")
@@ -45,6 +49,14 @@ def main(argv=None) -> int:
     if args.proposals:
         props = load_proposals(args.proposals, ids)
         source = args.proposals
+    elif args.model:
+        import detector
+        from detector.detection.evaluate import model_proposals
+
+        model = detector.load(args.model)
+        props = model_proposals(model, ds.records, args.cache, workers=args.workers)
+        source = (f"learned proposals of {args.model} (at most {model.cfg.rpn.post_nms_top_n} per image)"
+                  if model.learned_proposals else f"selective search {model.cfg.proposals} of {args.model}")
     else:
         props = compute_proposals(ds.records, args.cache, cfg.proposals, workers=args.workers)
         print(props.summary())

@@ -27,7 +27,7 @@ from detector.errors import ModelFormatError
 KINDS = {"sppnet-detector": "a detector (tools/test_voc.py, tools/detect.py, detector.load)",
          "sppnet-classifier": "a classifier (tools/test_classifier.py, detector.load_classifier)"}
 # Config keys that older toolkit versions wrote and that no longer exist (dropped on load).
-REMOVED_KEYS = (("features", "batch_images"), ("proposals", "method"))
+REMOVED_KEYS = (("features", "batch_images"),)
 _MAX_HEADER = 100 * 1024 * 1024
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -27,6 +28,9 @@ def detect_files(model, images: Sequence[str], out_dir: Path, thresh: float = 0.
     from detector.proposals import load_proposals
 
     props = load_proposals(proposals_file, [Path(p).stem for p in images]) if proposals_file else {}
+    if props and model.learned_proposals:
+        warnings.warn(f"the model's proposals are learned (proposals.method: rpn); {proposals_file}'s are used "
+                      "instead")
     failed = []
     for path, png in zip(images, output_paths(list(images), Path(out_dir))):
         try:

@@ -29,7 +29,7 @@ from detector.core.embedder import WindowEmbedder, distinct_windows, layer_dim
 from detector.core.features import FeatureExtractor, ScaleFeatures
 from detector.core.heads import FCHead
 from detector.core.model_file import (check_tensors, expected_state, load_module, load_trunk, model_meta,
-                                      module_tensors, positive_scalar, read_model, write_model_file)
+                                      module_tensors, positive_scalar, read_model, require, write_model_file)
 from detector.detection.postprocess import class_thresholds, finalize_detections, select_detections
 from detector.detection.predictor import WindowPredictor
 from detector.errors import ModelFormatError
@@ -51,7 +51,8 @@ class SPPDetector:
     """image -> proposals -> conv features -> SPP -> fc -> SVM scores + box regression -> NMS."""
 
     def __init__(self, cfg: Config, class_names: Sequence[str], embedder: WindowEmbedder, predictor: WindowPredictor,
-                 device: str = "auto"):
+                 rpn=None, device: str = "auto"):
+        """rpn: the learned proposals' head (detector.proposals.rpn.RPN) when proposals.method is rpn."""
         self.cfg = cfg
         self.class_names = list(class_names)
         self.embedder = embedder
@@ -66,6 +67,10 @@ class SPPDetector:
                                    f"does not fit the {embedder.layer} features and {len(self.class_names)} classes")
         if embedder.head is not None:
             embedder.head.to(self.extractor.device)
+        if (rpn is None) != (cfg.proposals.method != "rpn"):
+            raise ModelFormatError(f"proposals.method is {cfg.proposals.method} but the model "
+                                   f"{'has no' if rpn is None else 'has a'} learned proposal head")
+        self.rpn = None if rpn is None else rpn.to(self.extractor.device)
         self.use_device_path(self.extractor.device.type != "cpu")
 
     def use_device_path(self, on: bool = True) -> None:
@@ -75,8 +80,9 @@ class SPPDetector:
         self.device_path = bool(on)
 
     def configure_test(self, overrides: Sequence[str]) -> None:
-        """Apply `--set test.KEY=VALUE` items (only test settings can change for a trained model)
-        and check them against this model's classes, so a bad threshold fails before any work."""
+        """Apply `--set KEY=VALUE` items (only test-time settings can change for a trained model:
+        config.test_time_keys) and check them against this model's classes, so a bad threshold
+        fails before any work."""
         apply_test_overrides(self.cfg, list(overrides))
         class_thresholds(self.cfg.test.score_thresh, self.class_names)
 
@@ -84,10 +90,21 @@ class SPPDetector:
     def backbone(self) -> Backbone:
         return self.embedder.backbone
 
-    def proposals(self, image: np.ndarray) -> np.ndarray:
-        from detector.proposals import search_options, selective_search
+    @property
+    def learned_proposals(self) -> bool:
+        return self.rpn is not None
 
-        return selective_search(image, **search_options(self.cfg.proposals))
+    def proposals(self, image, maps: Optional[Sequence[ScaleFeatures]] = None) -> np.ndarray:
+        """The model's own proposals of an image: selective search on the image, or the learned
+        head on its conv maps (computed here unless given)."""
+        if self.rpn is None:
+            from detector.proposals import search_options, selective_search
+
+            return selective_search(image, **search_options(self.cfg.proposals))
+        from detector.proposals.rpn import proposal_settings
+
+        maps = self.extractor(load_image(image)) if maps is None else maps
+        return self.rpn.propose(maps, proposal_settings(self.cfg.rpn))[0]
 
     @torch.inference_mode()
     def detect(self, image, proposals: Optional[np.ndarray] = None,
@@ -98,7 +115,8 @@ class SPPDetector:
         """Detect objects in one image.
 
         image: a path, a PIL image, or an HxWx3 uint8 array in **RGB** order.
-        proposals: optional [N, 4] boxes (x1, y1, x2, y2, pixels); selective search otherwise.
+        proposals: optional [N, 4] boxes (x1, y1, x2, y2, pixels); else the model's own
+        (selective search, or the learned proposals from the same conv maps as the windows).
         Thresholds default to the config's `test` section.  score_thresh: one number, a list
         with one per class, or {class name: number} with "*" for the classes not named.
         timer: an optional `detector.timing.StageTimer` that records each stage's time.
@@ -113,14 +131,22 @@ class SPPDetector:
         timer.start()
         img = load_image(image)
         H, W = img.shape[:2]
-        boxes = self.proposals(img) if proposals is None else check_boxes(proposals, W, H, "proposals")
-        boxes = boxes.astype(np.float32, copy=False)
-        timer.lap("proposals")
-        if len(boxes) == 0:
-            warnings.warn(f"{image if isinstance(image, (str, Path)) else 'image'}: no proposals survived "
-                          "filtering; no detections")
-            return empty_result()
+        boxes = None
+        if proposals is not None:
+            boxes = check_boxes(proposals, W, H, "proposals").astype(np.float32)
+        elif self.rpn is None:
+            boxes = self.proposals(img)
+        if boxes is not None:
+            timer.lap("proposals")
+            if len(boxes) == 0:
+                return self._no_proposals(image)
         maps = self.extractor(img, timer=timer) if features is None else features
+        if boxes is None:  # learned proposals, from the conv maps the windows are pooled from
+            timer.start()
+            boxes = self.proposals(img, maps)
+            timer.lap("proposals")
+            if len(boxes) == 0:
+                return self._no_proposals(image)
         windows, row = distinct_windows(self.embedder.windows(maps, boxes))  # each distinct window once
         regress_first = regress and tc.nms_after_regression
         scores, deltas, pool5 = self._predict(maps, windows, scorer, regress and (self.device_path or regress_first),
@@ -155,6 +181,12 @@ class SPPDetector:
         timer.count("windows", len(windows))
         return {"boxes": out["boxes"], "scores": out["scores"], "labels": out["labels"],
                 "label_names": [self.class_names[k] for k in out["labels"]]}
+
+    @staticmethod
+    def _no_proposals(image) -> dict:
+        warnings.warn(f"{image if isinstance(image, (str, Path)) else 'image'}: no proposals survived "
+                      "filtering; no detections")
+        return empty_result()
 
     def _scorer(self, scorer: Optional[str]) -> str:
         scorer = self.cfg.test.scorer if scorer is None else scorer
@@ -201,12 +233,16 @@ class SPPDetector:
         tensors.update(self.predictor.tensors())
         tensors["pool5_scale"] = torch.tensor([emb.pool5_scale], dtype=torch.float64)
         tensors["svm_scale"] = torch.tensor([emb.feature_scale], dtype=torch.float64)
-        write_model_file(path, FORMAT, FORMAT_VERSION, model_meta(self.cfg, self.class_names, bb, emb.head), tensors)
+        meta = model_meta(self.cfg, self.class_names, bb, emb.head)
+        if self.rpn is not None:
+            tensors.update({f"rpn.{k}": v for k, v in self.rpn.state_arrays().items()})
+            meta["rpn"] = self.rpn.header()
+        write_model_file(path, FORMAT, FORMAT_VERSION, meta, tensors)
 
     @classmethod
     def load(cls, path: Union[str, Path], device: str = "auto") -> "SPPDetector":
         path = Path(path)
-        _, tensors, cfg, names, bmeta = read_model(path, FORMAT, FORMAT_VERSION)
+        meta, tensors, cfg, names, bmeta = read_model(path, FORMAT, FORMAT_VERSION)
         K = len(names)
         backbone = build_backbone(cfg.backbone, pretrained=False)
         pool5_dim = WindowEmbedder.from_config(cfg, backbone).pool5_dim
@@ -217,6 +253,19 @@ class SPPDetector:
         expected.update(WindowPredictor.expected_tensors(D, K, pool5_dim, any(k.startswith("bbox_") for k in tensors),
                                                          "svm_calibration" in tensors))
         expected.update({"pool5_scale": ((1,), torch.float64), "svm_scale": ((1,), torch.float64)})
+        rpn_header = None
+        if cfg.proposals.method == "rpn":
+            from detector.proposals import rpn as R
+
+            rpn_header = require(path, meta, "rpn", dict, "the learned proposals' header (a mapping)")
+            try:
+                anchors = R.AnchorSpec.from_json(rpn_header["anchors"])
+                if int(rpn_header["in_channels"]) != backbone.channels:
+                    raise ValueError(f"in_channels {rpn_header['in_channels']}, the trunk has {backbone.channels}")
+            except (KeyError, TypeError, ValueError, ConfigError) as e:
+                raise ModelFormatError(f"{path}: header entry 'rpn' is damaged ({e})") from None
+            expected.update({f"rpn.{k}": v for k, v in R.expected_state(backbone.channels,
+                                                                          anchors.num_anchors).items()})
         check_tensors(path, tensors, expected)
         head = None
         if cfg.finetune.enabled:  # sizes now known to match the file's tensors
@@ -226,11 +275,15 @@ class SPPDetector:
             load_module("head.", head, tensors)
         embedder = WindowEmbedder.from_config(cfg, backbone, head, positive_scalar(path, tensors, "pool5_scale"),
                                               positive_scalar(path, tensors, "svm_scale"))
+        rpn = None
         try:
             predictor = WindowPredictor.from_tensors(tensors)
+            if rpn_header is not None:
+                rpn = R.RPN.from_state(rpn_header, {k[4:]: v for k, v in tensors.items() if k.startswith("rpn.")},
+                                       R.proposal_settings(cfg.rpn))
         except ModelFormatError as e:
             raise ModelFormatError(f"{path}: {e}") from None
-        return cls(cfg, names, embedder, predictor, device)
+        return cls(cfg, names, embedder, predictor, rpn, device)
 
 
 def load(path: Union[str, Path], device: str = "auto") -> SPPDetector:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -17,8 +18,9 @@ def detect_dataset(model: SPPDetector, ds: Dataset, cache_root: Optional[str] = 
                    progress: bool = True, box_regression: bool = True,
                    proposals: Optional[dict] = None) -> tuple[list[dict], dict]:
     """Detections for every image, in record order.  Proposals: `proposals` (image id ->
-    boxes) when given, else selective search through the shared cache under `cache_root`,
-    else (cache_root None) selective search inside detect().
+    boxes) when given (a model with learned proposals says once that it uses them instead);
+    else the model's own: learned ones inside detect(), or selective search through the shared
+    cache under `cache_root` (cache_root None: inside detect()).
 
     Under torchrun each rank detects its share of the images (balanced by pixels) and every
     rank gets all the results back, in record order."""
@@ -26,7 +28,10 @@ def detect_dataset(model: SPPDetector, ds: Dataset, cache_root: Optional[str] = 
     mine = shard([r.width * r.height for r in ds.records])
     log_shard("detect", len(mine))
     records = [ds.records[i] for i in mine]
-    if proposals is None and cache_root is not None:
+    if proposals is not None and model.learned_proposals and w.main:
+        warnings.warn(f"the model's proposals are learned (proposals.method: rpn); the {len(proposals)} images' "
+                      "given proposals are used instead")
+    if proposals is None and cache_root is not None and not model.learned_proposals:
         from detector.proposals import compute_proposals
 
         proposals = compute_proposals(records, Path(cache_root) / "proposals", model.cfg.proposals,
@@ -49,6 +54,21 @@ def detect_dataset(model: SPPDetector, ds: Dataset, cache_root: Optional[str] = 
             all_times += part_times
         results, times = ordered, all_times
     return results, {"images": len(ds), "median_s_per_image": float(np.median(times)) if times else 0.0}
+
+
+def model_proposals(model: SPPDetector, records, proposal_cache: str = "data/cache/proposals",
+                    workers: Optional[int] = None, progress: bool = True) -> dict:
+    """image id -> a model's own proposals of each record: its learned ones (the conv maps computed
+    per image, as detect() does), or selective search with its settings through the proposal cache
+    folder `proposal_cache`."""
+    if not model.learned_proposals:
+        from detector.proposals import compute_proposals
+
+        return compute_proposals(records, proposal_cache, model.cfg.proposals, workers=workers, progress=progress)
+    from detector.images import load_image
+
+    return {r.image_id: model.proposals(load_image(r.path))
+            for r in progress_bar(records, desc="learned proposals", unit="img", disable=not progress)}
 
 
 def score_detections(ds: Dataset, results: list[dict], use_07_metric: bool = True) -> dict:

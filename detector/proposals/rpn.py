@@ -608,3 +608,32 @@ def anchor_recall(spec: AnchorSpec, gt_boxes: Sequence[np.ndarray], maps_hw: Seq
         hit += int((best >= iou).sum())
         total += len(b)
     return hit / max(total, 1)
+
+
+# --------------------------------------------------------------------------- from the config
+
+def proposal_settings(rpn_cfg, training: bool = False) -> ProposalSettings:
+    """The proposal step's settings from the config's `rpn` section: `train_top_n` boxes per
+    training image for the later stages, `post_nms_top_n` at test time."""
+    top = rpn_cfg.train_top_n if training else rpn_cfg.post_nms_top_n
+    return ProposalSettings(rpn_cfg.pre_nms_top_n, top, rpn_cfg.nms_iou, rpn_cfg.min_size)
+
+
+def train_config(rpn_cfg) -> RPNTrainConfig:
+    """RPNTrainConfig from the config's `rpn` section."""
+    return RPNTrainConfig(**{f.name: getattr(rpn_cfg, f.name) for f in fields(RPNTrainConfig)})
+
+
+def to_npz_arrays(rpn: RPN) -> dict[str, np.ndarray]:
+    """The head and its header as plain arrays (a run folder's rpn.npz; no pickles)."""
+    import json
+
+    return {"header": np.array(json.dumps(rpn.header(), sort_keys=True)),
+            **{f"head.{k}": v.numpy() for k, v in rpn.state_arrays().items()}}
+
+
+def from_npz_arrays(z: dict, settings: Optional[ProposalSettings] = None) -> RPN:
+    import json
+
+    arrays = {k[5:]: torch.from_numpy(v) for k, v in z.items() if k.startswith("head.")}
+    return RPN.from_state(json.loads(str(z["header"])), arrays, settings)

@@ -41,7 +41,9 @@ from detector.detection.matching import match_windows
 from detector.detection.detector import SPPDetector
 from detector.detection.calibration import fit_calibration, held_out_margins
 from detector.detection.predictor import WindowPredictor
-from detector.detection.train.stages import STAGE_NAMES, STAGES, StageRecords, data_digest, relevant_config, stage_digests
+from detector.progress import progress_bar
+from detector.detection.train.stages import (STAGE_NAMES, STAGES, StageRecords, data_digest, mirror_maps,
+                                             relevant_config, stage_digests)
 from detector.detection.svm import format_summary, train_svms
 from detector.detection.train.rows import RowStore, regression_examples, svm_feature_scale, svm_images, write_rows
 
@@ -75,12 +77,14 @@ class TrainRun:
     embedder: Optional[WindowEmbedder] = None
     maps: Optional[MapMemory] = None
     proposals_file: Optional[str] = None  # published proposals instead of selective search
+    rpn: Optional[object] = None  # the learned proposals' head (proposals.method: rpn)
 
     def features(self, i: int, flip: bool):
-        return self.maps.get(self.images[i].path, flip)
+        """Image i's conv maps (of its mirror image if flip), from RAM or the feature cache."""
+        return self.maps.get(self.ds.records[i].path, flip)
 
     def forget(self, i: int) -> None:
-        self.maps.forget(self.images[i].path)
+        self.maps.forget(self.ds.records[i].path)
 
     def my_images(self, stage: str) -> np.ndarray:
         """This rank's share of the images (all of them in one process), balanced by pixels."""
@@ -90,18 +94,67 @@ class TrainRun:
 
     def stale(self, name: str) -> bool:
         """Whether stage `name` has to run: always for one that is not reusable, else when its
-        record's digest differs or one of its output files is gone."""
+        record's digest differs or one of its output files is gone (never for a stage the
+        config does not have)."""
         spec = STAGES[STAGE_NAMES.index(name)]
+        if not spec.applies(self.cfg):
+            return False
         files = [self.run / f for f in spec.outputs(self.cfg)]
         return not spec.reusable or not self.records.fresh(name, self.digests[name], files)
 
 
 # --------------------------------------------------------------------------- the stages
 
+def run_rpn(r: TrainRun) -> dict:
+    """Learned proposals: the head trained on the cached conv maps (rank 0; ~1 min on BCCD, so
+    DistributedDataParallel on a 2-image batch would save little), written to rpn.npz."""
+    from detector.proposals import rpn as R
+
+    cfg, bb, info = r.cfg, r.backbone, {}
+    if world().main:
+        boxes = [rec.boxes for rec in r.ds]
+        spec = R.derive_anchors(boxes, [(rec.width, rec.height) for rec in r.ds], cfg.features.scales,
+                                cfg.features.max_size, bb.stride, bb.offset, sizes=cfg.rpn.anchor_sizes or None,
+                                ratios=cfg.rpn.anchor_ratios or None)
+        print(f"rpn anchors: {spec.rule}")
+        head = R.RPN(bb.channels, spec, R.proposal_settings(cfg.rpn), seed=cfg.seed).to(r.fcache.extractor.device)
+        info = R.train_rpn(head, r.features, boxes, R.train_config(cfg.rpn), cfg.seed,
+                           r.run / f"rpn_ckpt_{r.digests['rpn']}.pt", r.progress)
+        info["train_seconds"] = info.pop("seconds")  # the record's own "seconds" is the stage's
+        atomic_save_npz(r.run / "rpn.npz", **R.to_npz_arrays(head))
+    barrier()
+    reuse_rpn(r)
+    return info
+
+
+def reuse_rpn(r: TrainRun) -> None:
+    from detector.proposals import rpn as R
+
+    z = load_npz(r.run / "rpn.npz")
+    if z is None:
+        raise CacheError(f"{r.run / 'rpn.npz'} is unreadable; delete it and run again")
+    r.rpn = R.from_npz_arrays(z, R.proposal_settings(r.cfg.rpn)).to(r.fcache.extractor.device)
+
+
+def learned_proposals(r: TrainRun) -> dict:
+    """The head's proposals of every training image (train_top_n each), from the cached maps;
+    under torchrun each rank does its share and all get all."""
+    from detector.proposals import rpn as R
+
+    settings = R.proposal_settings(r.cfg.rpn, training=True)
+    mine = {r.ds.records[i].image_id: r.rpn.propose(r.features(i, False), settings)[0]
+            for i in progress_bar(r.my_images("proposals"), desc="learned proposals", unit="img",
+                                  disable=not r.progress)}
+    return {k: v for part in all_gather(mine) for k, v in part.items()}
+
+
 def run_proposals(r: TrainRun) -> dict:
+    computed = cached = 0
     if r.proposals_file is not None:
         props = dataset_proposals(r.proposals_file, r.ds.records)
-        computed = cached = 0
+    elif r.rpn is not None:
+        props = learned_proposals(r)
+        computed = len(props)
     else:
         from detector.proposals import sharded_proposals
 
@@ -122,7 +175,7 @@ def run_proposals(r: TrainRun) -> dict:
 
 
 def run_features(r: TrainRun) -> dict:
-    flips = (False, True) if (r.cfg.finetune.enabled and r.cfg.finetune.flip) else (False,)
+    flips = (False, True) if mirror_maps(r.cfg) else (False,)
     stats = extract_all([r.ds.records[i].path for i in r.my_images("features")], r.fcache, progress=r.progress,
                         flips=flips)
     failed = [f for part in all_gather(stats["failed"]) for f in part]
@@ -282,7 +335,7 @@ def run_model(r: TrainRun) -> dict:
     r.embedder.feature_scale = float(z["svm_scale"])
     regressor = BoxRegressor.from_arrays(load_npz(r.run / "bbox.npz")) if r.cfg.bbox.enabled else None
     predictor = WindowPredictor(z["W"], z["b"], regressor, z.get("calibration"))
-    model = SPPDetector(r.cfg, r.ds.class_names, r.embedder, predictor, device=r.cfg.features.device)
+    model = SPPDetector(r.cfg, r.ds.class_names, r.embedder, predictor, rpn=r.rpn, device=r.cfg.features.device)
     model.save(r.run / "model.safetensors")
     return {}
 
@@ -296,8 +349,9 @@ class Step:
 
 
 STEPS = {
-    "proposals": Step(run_proposals),
     "features": Step(run_features),
+    "rpn": Step(run_rpn, reuse_rpn),
+    "proposals": Step(run_proposals),
     "finetune": Step(run_finetune, reuse_finetune),
     "svm": Step(run_svm),
     "bbox": Step(run_bbox),
@@ -347,6 +401,8 @@ def train(dataset: str, run_dir: str, cfg: Config, train_split: str = "trainval"
         raise ValueError(f"stop_after must be one of {', '.join(STAGE_NAMES)}, got {stop_after!r}")
     r = prepare(dataset, run_dir, cfg, train_split, cache_root, progress, image_dir, proposals_file)
     for spec, step in PIPELINE[: STAGE_NAMES.index(stop_after) + 1]:
+        if not spec.applies(r.cfg):
+            continue
         fault_point(spec.name)
         if not r.stale(spec.name):
             step.reuse(r)

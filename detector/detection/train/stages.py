@@ -12,8 +12,10 @@ its recorded digest is unchanged and its `outputs` (files in the run folder) exi
 Each stage's digest hashes only the settings that change its result, plus the digests of
 the stages it reads from, so a change propagates downstream and nowhere else:
 
-    proposals  search options (not `workers`), or the content of a proposals file
     features   the feature-cache key (backbone, weights, scales, max_size, dtype) and flips
+    rpn        (proposals.method: rpn) data, feature key, seed, the head's training settings
+    proposals  search options (not `workers`); or rpn + the proposal settings; or the content
+               of a proposals file
     finetune   "base" (data, proposals, feature key, levels, projection, scale rule, seed,
                target norm: everything pool5 depends on) + finetune settings (not
                `checkpoint_every`)
@@ -41,17 +43,34 @@ class StageSpec:
     name: str
     reusable: bool = True  # False: runs every time (its results live in content-keyed caches)
     outputs: Callable[..., tuple] = lambda cfg: ()  # run-folder files a reused stage's record needs
+    applies: Callable[..., bool] = lambda cfg: True  # False: the config has no such stage (skipped)
+
+
+def learned_proposals(cfg) -> bool:
+    return cfg.proposals.method == "rpn"
 
 
 STAGES = (
-    StageSpec("proposals", reusable=False),
     StageSpec("features", reusable=False),
+    StageSpec("rpn", outputs=lambda cfg: ("rpn.npz",), applies=learned_proposals),
+    StageSpec("proposals", reusable=False),
     StageSpec("finetune", outputs=lambda cfg: ("finetune.npz",)),
     StageSpec("svm", outputs=lambda cfg: ("svm.npz",)),
     StageSpec("bbox", outputs=lambda cfg: ("bbox.npz",) if cfg.bbox.enabled else ()),
     StageSpec("model", outputs=lambda cfg: ("model.safetensors",)),
 )
 STAGE_NAMES = tuple(s.name for s in STAGES)
+
+# The learned proposals' settings that decide the boxes, not the head: the training windows'
+# count and the proposal step's own settings (post_nms_top_n is test time only).
+RPN_PROPOSAL_KEYS = ("train_top_n", "pre_nms_top_n", "nms_iou", "min_size", "post_nms_top_n")
+
+
+def mirror_maps(cfg) -> bool:
+    """Whether training needs the mirror images' conv maps (flip augmentation of the fc layers or
+    of the learned proposals' head)."""
+    return bool((cfg.finetune.enabled and cfg.finetune.flip) or (learned_proposals(cfg) and cfg.rpn.flip))
+
 
 def relevant_config(cfg) -> dict:
     """The config as a dict, without the settings that never change a result
@@ -74,9 +93,15 @@ def stage_digests(cfg, data_sig: str, feature_key: str, proposals_file: str | No
     sets the SVM and box-regression stages train from ("svm_rows", "bbox_rows").
     proposals_file: the digest of a published proposals file used instead of selective search."""
     c = relevant_config(cfg)
-    flips = bool(cfg.finetune.enabled and cfg.finetune.flip)
-    d = {"proposals": params_digest({"file": proposals_file} if proposals_file else c["proposals"]),
-         "features": params_digest({"key": feature_key, "flips": flips})}
+    d = {"features": params_digest({"key": feature_key, "flips": mirror_maps(cfg)})}
+    if learned_proposals(cfg):
+        rpn_train = {k: v for k, v in c["rpn"].items() if k not in RPN_PROPOSAL_KEYS}
+        d["rpn"] = params_digest({"data": data_sig, "features": feature_key, "rpn": rpn_train, "seed": c["seed"]})
+        proposals = {"rpn": d["rpn"], **{k: c["rpn"][k] for k in RPN_PROPOSAL_KEYS if k != "post_nms_top_n"}}
+    else:
+        d["rpn"] = "-"
+        proposals = c["proposals"]
+    d["proposals"] = params_digest({"file": proposals_file} if proposals_file else proposals)
     base = params_digest({"data": data_sig, "proposals": d["proposals"], "features": feature_key,
                           "levels": c["spp"]["levels"], "projection": c["spp"]["projection"],
                           "scale_rule": c["features"]["scale_rule"], "seed": c["seed"],
