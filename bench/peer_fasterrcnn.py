@@ -34,21 +34,23 @@ redone, and the result equals an uninterrupted run's) and a finished run's --out
 reused without training (only the tests run again).  Other settings in the same --out are an
 error; --restart discards the folder's checkpoint and model.
 
-Ours: `detector.load(--model)`, `model.detect(image)` on the same decoded test images, with
-selective search inside (what a new image costs), scored by the same evaluator; or
---ours-results DIR: the devkit files of a `tools/test_voc.py` run (mAP only); or --skip-ours.
+Ours: each `--model` (e.g. one with selective search and one with learned proposals), loaded with
+`detector.load` and run with `model.detect(image)` on the same decoded test images, its own
+proposals inside (what a new image costs), scored by the same evaluator; or --ours-results DIR:
+the devkit files of a `tools/test_voc.py` run (mAP only); or --skip-ours.
 
 Time per image: median over the test images, from the decoded RGB image to the detections
-(JPEG decoding excluded for both; ours includes selective search), after one warm-up image.
-Training, the peer's test and ours' test each run in a fresh process, whose peak RSS
+(JPEG decoding excluded for both; ours includes its proposals), after one warm-up image.
+Training, the peer's test and each of ours' tests run in a fresh process, whose peak RSS
 (getrusage ru_maxrss) is reported.  The test detections are written to --results (default
---out/results_<split>), peer/ and ours/, as tools/test_voc.py writes them (devkit files and a COCO
-json), for tools/analyze_errors.py.  Ends with
+--out/results_<split>), peer/ and ours_ss/ or ours_rpn/ (by the model's proposals), as
+tools/test_voc.py writes them (devkit files and a COCO json), for tools/analyze_errors.py.  Ends with
 
-  peer_map = X          peer VOC07 mAP      ours_map = Y          ours VOC07 mAP (nan: skipped)
+  peer_map = X          peer VOC07 mAP      ours_map = Y          the first model's VOC07 mAP (nan: skipped)
   peer_s_per_image = A                      ours_s_per_image = B  (nan: skipped)
+  ours_<name>_map, ours_<name>_s_per_image  the same for every further model
 
-  python bench/peer_fasterrcnn.py [--dataset ../shared/datasets/BCCD] [--model data/runs/bccd/model.safetensors]
+  python bench/peer_fasterrcnn.py [--dataset ../shared/datasets/BCCD] [--model data/runs/bccd/model.safetensors ...]
                                   [--minutes 20 | --iterations N | --epochs E] [--out data/bench/peer_fasterrcnn]
                                   [--train-trunk] [--skip-ours | --ours-results DIR] [--restart]
 """
@@ -351,16 +353,19 @@ def test_ours_phase(spec: dict, records: list) -> dict:
 
     if spec["threads"]:
         torch.set_num_threads(spec["threads"])
+    from detector.timing import StageTimer
+
     model = detector.load(spec["model"])
     images = _decode_all(records)
     model.detect(images[0])  # warm-up, untimed
     results, times, props = [], [], []
     for img in progress_bar(images, desc="ours test", unit="img", disable=not spec["progress"], file=sys.stderr):
         check_parent(spec)
+        timer = StageTimer()
         t0 = time.perf_counter()
-        r = model.detect(img)
+        r = model.detect(img, timer=timer)
         times.append(time.perf_counter() - t0)
-        props.append(model.last_timings.get("proposals", float("nan")))
+        props.append(timer.times.get("proposals", float("nan")))
         results.append({k: r[k] for k in ("boxes", "scores", "labels")})
     return {"results": results, "times": times, "proposal_times": props,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / MB}
@@ -492,7 +497,9 @@ def load_splits(args) -> tuple[list, list, list]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dataset", default=common.DEFAULT_DATASET, help="a VOC-layout dataset")
-    ap.add_argument("--model", default=common.DEFAULT_MODEL, help="our trained SPP-net (for ours' figures)")
+    ap.add_argument("--model", nargs="+", default=[common.DEFAULT_MODEL],
+                    help="our trained SPP-net(s), each a row (e.g. one with selective search, one with learned "
+                         "proposals)")
     ap.add_argument("--train-split", default="trainval")
     ap.add_argument("--split", default="test", help="test split")
     ap.add_argument("--out", default=DEFAULT_OUT, help="the peer's checkpoint and final weights")
@@ -539,16 +546,24 @@ def main(argv=None) -> int:
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     class_names, train_recs, test_recs = load_splits(args)
     run_ours = not args.skip_ours and args.ours_results is None
+    ours_models = []  # (path, short name, row label, description)
     if run_ours:
         import detector
 
-        m = detector.load(args.model)  # fail now, not after the training: missing file, classes
-        if list(m.class_names) != list(class_names):
-            raise InputError(f"{args.model} was trained for classes {m.class_names}, the dataset has {class_names}")
-        ours_desc = (f"{args.model}: backbone {m.backbone.name}, scales {m.cfg.features.scales}, "
-                     f"proposals selective search {m.cfg.proposals.mode} top {m.cfg.proposals.top_k}, "
-                     f"max {m.cfg.test.max_per_image} detections per image")
-        del m
+        for path in args.model:
+            m = detector.load(path)  # fail now, not after the training: missing file, classes
+            if list(m.class_names) != list(class_names):
+                raise InputError(f"{path} was trained for classes {m.class_names}, the dataset has {class_names}")
+            learned = m.learned_proposals
+            props = (f"learned proposals (at most {m.cfg.rpn.post_nms_top_n})" if learned else
+                     f"selective search {m.cfg.proposals.mode} top {m.cfg.proposals.top_k}")
+            name = "rpn" if learned else "ss"
+            name = name if name not in [o[1] for o in ours_models] else f"{name}{len(ours_models)}"
+            ours_models.append((path, name, f"ours: SPP-net, {'learned proposals' if learned else 'selective search'}",
+                                f"{path}: backbone {m.backbone.name}, scales {m.cfg.features.scales}, {props}, "
+                                f"max {m.cfg.test.max_per_image} detections per image"))
+            del m
+        ours_desc = "\n          ".join(o[3] for o in ours_models)
     per_epoch = math.ceil(len(train_recs) / args.batch)
     iterations = args.iterations or (max(1, round(args.epochs * per_epoch)) if args.epochs else None)
     out = Path(args.out)
@@ -561,7 +576,7 @@ def main(argv=None) -> int:
             "detections_per_img": args.detections, "out": str(out), "batch": args.batch, "lr": lr,
             "iterations": iterations, "minutes": None if iterations else args.minutes,
             "checkpoint_every": args.checkpoint_every, "threads": args.threads, "progress": not args.no_progress,
-            "model": args.model, "parent_pid": os.getpid()}
+            "model": None, "parent_pid": os.getpid()}
     spec["signature"] = {
         "dataset": str(Path(args.dataset).resolve()), "train_split": args.train_split,
         "train_data": split_digest(train_recs), "classes": class_names, "anchors": anchors,
@@ -613,48 +628,52 @@ def main(argv=None) -> int:
     write_results(results_dir / "peer", args.split, class_names, test_recs, pt["results"])
 
     # ------------------------------------------------------------ ours
-    ours_ev, ours_s, ot = None, float("nan"), None
-    if run_ours:
-        ot = in_fresh_process(test_ours_phase, spec, test_recs)
-        ours_s = common.median(ot["times"])
-        print(f"ours test: {len(test_recs)} images, median {ours_s:.4f} s per image (decoded image -> detections, "
-              f"selective search included; its median {common.median(ot['proposal_times']):.4f} s), peak RSS "
-              f"{ot['peak_rss_mb']:.0f} MB")
+    ours = []  # (name, row label, evaluation, s/image, test phase or None)
+    for path, name, label, _ in ours_models:
+        ot = in_fresh_process(test_ours_phase, dict(spec, model=path), test_recs)
+        s_img = common.median(ot["times"])
+        print(f"{label} test: {len(test_recs)} images, median {s_img:.4f} s per image (decoded image -> "
+              f"detections, proposals included; their median {common.median(ot['proposal_times']):.4f} s), peak "
+              f"RSS {ot['peak_rss_mb']:.0f} MB")
         print()
-        ours_ev = evaluate(class_names, test_recs, ot["results"])
-        write_results(results_dir / "ours", args.split, class_names, test_recs, ot["results"])
-    elif args.ours_results:
+        ev = evaluate(class_names, test_recs, ot["results"])
+        write_results(results_dir / f"ours_{name}", args.split, class_names, test_recs, ot["results"])
+        print_eval(label, class_names, ev)
+        ours.append((name, label, ev, s_img, ot))
+    if args.ours_results:
         from detector.metrics.result_files import read_voc_results
 
         b, lab, s = read_voc_results(args.ours_results, args.split, class_names, [r.image_id for r in test_recs])
-        ours_ev = evaluate(class_names, test_recs,
-                           [{"boxes": x, "labels": y, "scores": z} for x, y, z in zip(b, lab, s)])
-    if ours_ev is not None:
-        print_eval("ours (SPP-net)", class_names, ours_ev)
+        ev = evaluate(class_names, test_recs, [{"boxes": x, "labels": y, "scores": z} for x, y, z in zip(b, lab, s)])
+        print_eval("ours (SPP-net)", class_names, ev)
+        ours.append(("results", "ours: SPP-net (result files)", ev, float("nan"), None))
 
     # ------------------------------------------------------------ summary
     rows = [["peer: Faster R-CNN (torchvision)", fmt(peer_ev["voc07"]["map"]), fmt(peer_ev["area"]["map"]),
              fmt(peer_ev["coco"]["AP"]), fmt(peer_ev["coco"]["AP50"]),
              fmt(tr["train_seconds"] / 60, ".1f"), fmt(peer_s), fmt(tr["peak_rss_mb"], ".0f"),
              fmt(pt["peak_rss_mb"], ".0f")]]
-    if ours_ev is not None:
-        rows.append(["ours: SPP-net", fmt(ours_ev["voc07"]["map"]), fmt(ours_ev["area"]["map"]),
-                     fmt(ours_ev["coco"]["AP"]), fmt(ours_ev["coco"]["AP50"]), "-", fmt(ours_s),
-                     "-", fmt(ot["peak_rss_mb"], ".0f") if ot else "-"])
+    for _, label, ev, s_img, ot in ours:
+        rows.append([label, fmt(ev["voc07"]["map"]), fmt(ev["area"]["map"]), fmt(ev["coco"]["AP"]),
+                     fmt(ev["coco"]["AP50"]), "-", fmt(s_img), "-", fmt(ot["peak_rss_mb"], ".0f") if ot else "-"])
     print(common.table(["", "VOC07 mAP", "area mAP", "COCO AP", "AP50", "train min", "s/image",
                         "train RSS MB", "test RSS MB"], rows))
-    for k, name in enumerate(class_names):
-        print(f"  AP {name} (VOC07): peer {fmt(peer_ev['voc07']['ap'][k])}"
-              + (f", ours {fmt(ours_ev['voc07']['ap'][k])}" if ours_ev is not None else ""))
-    print("(ours' training is not run here: its time and RSS come from bench/train_cost.py; s/image: median over "
-          "the test images, decoded image -> detections, ours with selective search)")
-    print(f"detections: {results_dir}/peer" + (f" and {results_dir}/ours" if run_ours else "")
+    for k, cname in enumerate(class_names):
+        print(f"  AP {cname} (VOC07): peer {fmt(peer_ev['voc07']['ap'][k])}"
+              + "".join(f", ours {name} {fmt(ev['voc07']['ap'][k])}" for name, _, ev, _, _ in ours))
+    print("(ours' training is not run here: its time and RSS come from bench/train_cost.py and the training's "
+          "stages.json; s/image: median over the test images, decoded image -> detections, proposals included)")
+    print(f"detections: {results_dir}/peer" + "".join(f", {results_dir}/ours_{n}" for n, _, _, _, ot in ours if ot)
           + " (devkit files and COCO json; tools/analyze_errors.py --detections DIR splits their errors)")
     print()
+    first = ours[0] if ours else None
     print(f"peer_map = {peer_ev['voc07']['map']:.4f}")
-    print(f"ours_map = {ours_ev['voc07']['map'] if ours_ev is not None else float('nan'):.4f}")
+    print(f"ours_map = {first[2]['voc07']['map'] if first else float('nan'):.4f}")
     print(f"peer_s_per_image = {peer_s:.4f}")
-    print(f"ours_s_per_image = {ours_s:.4f}")
+    print(f"ours_s_per_image = {first[3] if first else float('nan'):.4f}")
+    for name, _, ev, s_img, _ in ours[1:]:
+        print(f"ours_{name}_map = {ev['voc07']['map']:.4f}")
+        print(f"ours_{name}_s_per_image = {s_img:.4f}")
     return 0
 
 
