@@ -75,3 +75,20 @@ def test_no_objects_is_one_error_line(data, tmp_path, which):
     errors = [ln for ln in p.stderr.splitlines() if ln.startswith("error:")]
     assert len(errors) == 1 and "no objects" in errors[0] and "Traceback" not in p.stderr, p.stderr
     assert not (tmp_path / "out" / "model.pt").exists()
+
+
+def test_our_models_get_a_row_each_in_the_same_run(smoke_run, rpn_run, tmp_path):
+    """A selective-search model and a learned-proposals model beside the peer: both scored, both
+    detections written, both result lines."""
+    _, data, ss_model = smoke_run
+    _, _, rpn_model = rpn_run
+    out = tmp_path / "out"
+    p = run("--dataset", data, "--iterations", 2, "--min-size", 160, "--out", out, "--model", ss_model, rpn_model)
+    assert p.returncode == 0, p.stderr
+    assert "ours: SPP-net, selective search" in p.stdout and "ours: SPP-net, learned proposals" in p.stdout
+    values = dict(re.fullmatch(r"(\w+) = (\S+)", ln).groups() for ln in p.stdout.strip().splitlines()[-6:])
+    assert set(values) == {"peer_map", "ours_map", "peer_s_per_image", "ours_s_per_image", "ours_rpn_map",
+                           "ours_rpn_s_per_image"}
+    assert all(math.isfinite(float(v)) for v in values.values())
+    for name in ("ours_ss", "ours_rpn"):
+        assert (out / "results_test" / name / "coco_results_test.json").is_file()
