@@ -145,6 +145,7 @@ class TestConfig:
     scorer: str = "svm"  # svm: the per-class SVMs (the paper) | softmax: fc8's class probabilities (Fast R-CNN)
     nms_after_regression: bool = False  # true: regress every candidate first, NMS on the refined boxes (Fast R-CNN)
     soft_nms_sigma: float = 0.0  # > 0: Gaussian soft-NMS with this sigma instead of removing overlapping boxes
+    bbox_iterations: int = 1  # > 1: pool each kept box again where regression moved it and regress it again
 
 
 @dataclass
@@ -401,6 +402,7 @@ def validate(cfg: Config) -> None:
            f"test.score_thresh must be a number, a list of numbers (one per class) or a mapping "
            f"{{class name: number}}, got {thr!r}")
     _check(t.max_per_image >= 1, f"test.max_per_image must be >= 1, got {t.max_per_image}")
+    _check(t.bbox_iterations >= 1, f"test.bbox_iterations must be >= 1, got {t.bbox_iterations}")
     _check(t.soft_nms_sigma >= 0, f"test.soft_nms_sigma must be >= 0 (0: plain NMS), got {t.soft_nms_sigma}")
     _check(t.scorer in ("svm", "softmax"), f"test.scorer must be svm or softmax, got {t.scorer!r}")
     _check(t.scorer == "svm" or ft.enabled, "test.scorer=softmax needs the fine-tuned fc8 (finetune.enabled=true)")

@@ -357,3 +357,27 @@ def test_softmax_scorer_uses_the_same_post_processing_and_round_trips(trained, t
     assert not np.array_equal(svm["scores"], soft["scores"])
     with pytest.raises(ValueError, match="scorer must be"):
         again.detect(img, proposals=props, scorer="vote")
+
+
+def test_iterative_box_regression_regresses_the_regressed_boxes_again(trained):
+    import detector
+    from detector.images import load_image
+
+    _, data, model_path = trained
+    model = detector.load(model_path)
+    model.cfg.test.second_nms = False  # so both runs keep the same detections
+    img = load_image(sorted((data / "JPEGImages").glob("*.jpg"))[1])
+    props = model.proposals(img)
+    once = model.detect(img, proposals=props, score_thresh=-10.0)
+    model.cfg.test.bbox_iterations = 2
+    twice = model.detect(img, proposals=props, score_thresh=-10.0)
+    assert len(once["scores"]) > 5
+    np.testing.assert_array_equal(once["labels"], twice["labels"])
+    np.testing.assert_array_equal(once["scores"], twice["scores"])
+    # by hand: the first pass's (clipped) boxes pooled again and moved by their class's regressor
+    maps = model.extractor(img)
+    p5 = model.embedder.pool5(maps, once["boxes"])
+    want = model.predictor.refine(once["boxes"], model.predictor.deltas(p5.double(), once["labels"]), once["labels"])
+    want = np.clip(want, 0, [img.shape[1], img.shape[0]] * 2)
+    np.testing.assert_allclose(twice["boxes"], want, atol=1e-3)
+    assert not np.allclose(twice["boxes"], once["boxes"], atol=1e-3)

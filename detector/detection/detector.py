@@ -171,6 +171,8 @@ class SPPDetector:
             else:
                 deltas = deltas[rows, sel.labels]
             kept = self.predictor.refine(kept, deltas, sel.labels)
+        if regress and len(sel):
+            kept = self._regress_again(maps, kept, sel.labels, tc.bbox_iterations - 1, W, H)
         timer.lap("bbox")
         # a second NMS removes the duplicates that regression after NMS made; not needed when NMS saw
         # the regressed boxes, and not wanted after soft-NMS kept overlapping boxes on purpose
@@ -181,6 +183,18 @@ class SPPDetector:
         timer.count("windows", len(windows))
         return {"boxes": out["boxes"], "scores": out["scores"], "labels": out["labels"],
                 "label_names": [self.class_names[k] for k in out["labels"]]}
+
+    def _regress_again(self, maps, boxes: np.ndarray, labels: np.ndarray, times: int, W: int, H: int) -> np.ndarray:
+        """Iterative box regression: each box pooled again where the regression moved it (clipped
+        to the image) and moved by its class's regressor once more, `times` times."""
+        for _ in range(times):
+            boxes = np.clip(boxes, 0, [W, H, W, H]).astype(np.float32)
+            ok = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+            if not ok.any():
+                break
+            p5 = self.embedder.pool5(maps, boxes[ok], name="regressed boxes")
+            boxes[ok] = self.predictor.refine(boxes[ok], self.predictor.deltas(p5.double(), labels[ok]), labels[ok])
+        return boxes
 
     @staticmethod
     def _no_proposals(image) -> dict:
