@@ -419,7 +419,8 @@ def main(argv=None) -> int:
             _, W, b, s = arms["spp"]
             results["spp"].append(detections(model, boxes, (x * s) @ W + b, size))
             full = spp_features(ext1, img, boxes, model.embedder)[0]
-            results["full"].append(detections(model, boxes, model.predictor.scores(torch.from_numpy(full)).numpy(), size))
+            full_scores = model.predictor.scores(torch.from_numpy(full)).numpy()
+            results["full"].append(detections(model, boxes, full_scores, size))
         if i < n_rcnn:
             xr, tr = rcnn_features(model, img, boxes, rcnn_emb, args.rcnn_batch)
             times["rcnn"].append(tr)

@@ -215,8 +215,9 @@ def load_by_order(model: nn.Module, sd: dict, what: str, source: str) -> None:
 
 
 class ZF5(nn.Module):
-    """ZF-5 as used by SPP-net (paper section 4.1; Zeiler and Fergus's 'fast' net): conv1 7x7/2 (pad 1), LRN, pool 3x3/2 (ceil),
-    conv2 5x5/2 (no pad), LRN, pool 3x3/2 (ceil), conv3-5 3x3/1 (pad 1); conv5 has 256 channels.
+    """ZF-5 as used by SPP-net (paper section 4.1; Zeiler and Fergus's 'fast' net): conv1 7x7/2 (pad 1),
+    LRN, pool 3x3/2 (ceil), conv2 5x5/2 (no pad), LRN, pool 3x3/2 (ceil), conv3-5 3x3/1 (pad 1); conv5 has
+    256 channels.
     This padding is what puts cell j's centre on 1-based pixel 16*j + 21, as in the release."""
 
     def __init__(self):

@@ -238,7 +238,8 @@ def _positives(images: Images, num_classes: int, progress: bool) -> tuple[list[n
     pos_chunks: list[list[np.ndarray]] = [[] for _ in range(num_classes)]
     dim: Optional[int] = None
     num_images = 0
-    for idx, img in enumerate(progress_bar(_iterate(images), desc="SVM positives", unit="img", disable=not progress)):
+    images_once = progress_bar(_iterate(images), desc="SVM positives", unit="img", disable=not progress)
+    for idx, img in enumerate(images_once):
         _check_image(img, idx, num_classes, dim)
         img = _as_image(img)
         dim = img.features.shape[1]
@@ -370,7 +371,7 @@ def train_svms(
     # Pass 2: one mining pass (per epoch) over the images.
     for epoch in range(epochs):
         bar = progress_bar(_iterate(images), total=num_images, desc=f"SVM mining (epoch {epoch + 1}/{epochs})",
-                   unit="img", disable=not progress)
+                           unit="img", disable=not progress)
         seen = 0
         for idx, img in enumerate(bar):
             seen += 1
@@ -381,7 +382,7 @@ def train_svms(
             raise ValueError(f"train_svms: the images gave {num_images} items for positives but {seen} for mining")
     # Once more at the end, every class, on its final cache.
     summary = [m.finish(k) for k in progress_bar(np.flatnonzero(mine), desc="SVM final retrain", unit="class",
-                                         disable=not progress)]
+                                                disable=not progress)]
     if m.unconverged:
         total = sum(m.unconverged.values())
         which = ", ".join(f"{names[k]} ({n})" for k, n in sorted(m.unconverged.items()))

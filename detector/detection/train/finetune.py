@@ -214,8 +214,8 @@ def finetune(head: FCHead, images: Sequence[TrainImage], pool: PairPooler, fc: F
     device = next(head.parameters()).device
     head.train()
     losses, accs = [], []
-    bar = progress_bar(range(start, fc.iterations), desc="fine-tune fc", unit="it", disable=not progress or not w.main,
-               initial=start, total=fc.iterations)
+    bar = progress_bar(range(start, fc.iterations), desc="fine-tune fc", unit="it",
+                       disable=not progress or not w.main, initial=start, total=fc.iterations)
     for it in bar:
         lr = fc.lr * (0.1 ** sum(it >= s for s in fc.lr_steps))
         for g in opt.param_groups:

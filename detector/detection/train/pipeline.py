@@ -30,8 +30,8 @@ from detector.datasets import load_dataset
 from detector.datasets.records import Dataset
 from detector.core.embedder import StackedMaps, WindowEmbedder
 from detector.errors import CacheError, DatasetError
-from detector.distributed import (all_gather, all_local_cores, barrier, broadcast, check_same_config, check_shared_folder, fault_point,
-                          log_shard, shard, world)
+from detector.distributed import (all_gather, all_local_cores, barrier, broadcast, check_same_config,
+                                  check_shared_folder, fault_point, log_shard, shard, world)
 from detector.core.feature_cache import FeatureCache, MapMemory, extract_all
 from detector.core.features import FeatureExtractor
 from detector.detection.train.finetune import TrainImage, finetune, pool5_sample, pool_pairs, stacked_pooler
