@@ -53,6 +53,8 @@ CLAIMS = {
                                "features.scale_rule": "paper"},
     "bccd.yaml": {"classes": ["Platelets", "RBC", "WBC"], "features.scales": [688], "finetune.iterations": 3000,
                   "finetune.lr_steps": [2000], "backbone.name": "efficientnet_lite0"},
+    "bccd_rpn.yaml": {"classes": ["Platelets", "RBC", "WBC"], "features.scales": [688], "proposals.method": "rpn",
+                      "backbone.name": "efficientnet_lite0"},
     "synthetic.yaml": {"features.scales": [320], "finetune.iterations": 800, "proposals.resize": 320},
     "smoke.yaml": {"features.scales": [160], "finetune.iterations": 30, "proposals.workers": 1},
     "classifier_smoke.yaml": {"classifier.input": "multisize", "classifier.view_size": 64,
@@ -80,6 +82,10 @@ def test_every_shipped_config_resolves_to_what_it_claims():
     # the 5-scale file differs from its base only where it says so
     a, b = load_config(CONFIGS / "zf5_paper.yaml").to_dict(), load_config(CONFIGS / "zf5_paper_5scales.yaml").to_dict()
     a["features"].update(scales=b["features"]["scales"], scale_rule="paper")
+    assert a == b
+    # so does the learned-proposals file from bccd.yaml
+    a, b = load_config(CONFIGS / "bccd.yaml").to_dict(), load_config(CONFIGS / "bccd_rpn.yaml").to_dict()
+    a["proposals"]["method"] = "rpn"
     assert a == b
 
 
