@@ -133,3 +133,27 @@ def test_eval_proposals_reports_the_recall_of_a_models_learned_proposals(rpn_run
     want = proposal_recall(boxes, [r.boxes for r in ds], [r.labels for r in ds], top_ns=[10, 50],
                            difficult_list=[r.difficult for r in ds])
     np.testing.assert_allclose(np.asarray(got["recall"], float), want["recall"], atol=1e-9)
+
+
+def test_analyze_errors_reports_the_recall_of_a_models_learned_proposals(rpn_run, tmp_path):
+    import detector
+    from detector.datasets.voc import load_voc
+    from detector.images import load_image
+    from detector.metrics.result_files import write_voc_results
+    from detector.proposals import proposal_recall
+    from tools import analyze_errors
+
+    tmp, data, model_path = rpn_run
+    model, ds = detector.load(model_path), load_voc(data, "test")
+    # the ground truth as detections: the recall table is about the proposals, not these
+    write_voc_results(tmp_path / "dets", "test", ds.class_names, [r.image_id for r in ds],
+                      [r.boxes for r in ds], [r.labels for r in ds], [np.ones(len(r.boxes)) for r in ds])
+    assert analyze_errors.main(["--dataset", str(data), "--split", "test", "--detections", str(tmp_path / "dets"),
+                                "--model", str(model_path), "--out", str(tmp_path / "o")]) == 0
+    got = json.loads((tmp_path / "o" / "errors_test.json").read_text())
+    assert got["proposals"].startswith("learned proposals of")
+    boxes = [model.rpn.propose(model.extractor(load_image(r.path)))[0][:300] for r in ds]
+    want = proposal_recall(boxes, [r.boxes for r in ds], [r.labels for r in ds], iou_thresholds=[0.5, 0.7],
+                           top_ns=[300], difficult_list=[r.difficult for r in ds])
+    np.testing.assert_allclose(got["recall"]["all"]["proposal_recall"], np.asarray(want["recall"], float).ravel(),
+                               atol=1e-9)

@@ -3,6 +3,7 @@
 
   python tools/analyze_errors.py --dataset ../shared/datasets/BCCD --detections data/runs/bccd/test_test
   python tools/analyze_errors.py --dataset ... --detections results.json --proposals props.npz
+  python tools/analyze_errors.py --dataset ... --detections DIR --model data/runs/bccd_rpn/model.safetensors
   python tools/analyze_errors.py --dataset ... --detections DIR --ss-cache data/cache/proposals \\
       --config data/runs/bccd/config.yaml
 
@@ -19,8 +20,9 @@ Prints two tables and writes them, with a plot, to --out (default: beside the de
    (--metric 07), area, or COCO's 101-point as TIDE; devkit matching at IoU 0.5; see
    detector/metrics/error_analysis.py.
 2. recall by class and by object size (COCO's small/medium/large by default, --size-edges to
-   change): objects detected, missed, and with proposals (--proposals FILE, or selective search
-   through --ss-cache with the config's proposal settings) proposal recall at IoU 0.5 and 0.7 and
+   change): objects detected, missed, and with proposals (--proposals FILE, selective search
+   through --ss-cache with the config's proposal settings, or --model: a model's own, learned or
+   selective search) proposal recall at IoU 0.5 and 0.7 and
    the missed objects that no proposal covered.
 """
 import argparse
@@ -83,6 +85,11 @@ def main(argv=None) -> int:
     prop.add_argument("--ss-cache", default=None, metavar="DIR",
                       help="selective search through this cache (e.g. data/cache/proposals), with the config's "
                            "proposals.* settings (pass the model's config to reuse its cache)")
+    prop.add_argument("--model", default=None, metavar="MODEL",
+                      help="a trained model's own proposals: its learned ones, or selective search with its "
+                           "settings through --model-cache")
+    ap.add_argument("--model-cache", default="data/cache/proposals", metavar="DIR",
+                    help="with --model and selective search: the proposal cache (default: data/cache/proposals)")
     ap.add_argument("--out", default=None, help="folder for errors_<split>.txt/.png/.json (default: beside "
                                                 "--detections)")
     ap.add_argument("--title", default=None, help="plot title (default: the detections' name)")
@@ -122,6 +129,15 @@ def main(argv=None) -> int:
 
         props = proposals_for(recs, compute_proposals(recs, args.ss_cache, cfg.proposals))
         source = f"selective search ({cfg.proposals.mode}, top {cfg.proposals.top_k}) cached in {args.ss_cache}"
+    elif args.model:
+        import detector
+        from detector.detection.evaluate import model_proposals
+        from detector.proposals import proposals_for
+
+        model = detector.load(args.model)
+        props = proposals_for(recs, model_proposals(model, recs, args.model_cache))
+        source = (f"learned proposals of {args.model} (at most {model.cfg.rpn.post_nms_top_n} per image)"
+                  if model.learned_proposals else f"selective search of {args.model} through {args.model_cache}")
     bd = ea.recall_breakdown(gts[0], gts[1], rep["gt_state"], props, n_classes=len(names),
                              size_edges=args.size_edges)
 
