@@ -296,7 +296,8 @@ def _check_classes(samples: Samples, names: list[str], root: str) -> None:
     left = set(samples.labels.tolist())
     empty = [n for k, n in enumerate(names) if k not in left]
     if empty:
-        raise DatasetError(f"class {empty[0]!r} of {root}/train has no readable image left")
+        raise DatasetError(f"class folder {Path(root) / 'train' / empty[0]} has no readable image "
+                           f"(every one was skipped: see the warnings)")
 
 
 def train_classifier(dataset: str, out: str, cfg: Config, cache_root: str = "data/cache",
