@@ -1,8 +1,9 @@
 #!/usr/bin/env python
 """Image classification on an image-folder dataset (default: Oxford 17 Flowers): the
-fixed-224 training and the multi-size training, each tested with every view scheme.
+fixed-224 training, the multi-size training and the training on every test scale (the
+classification default), each tested with every view scheme.
 
-For each input mode (`classifier.input=crop224`, `multisize`) it runs
+For each input mode (`classifier.input=crop224`, `multisize`, `scales`) it runs
 `tools/train_classifier.py` (fresh run folder and conv-map cache, so the wall time includes
 the conv maps) and `tools/test_classifier.py --views all`, then prints one table: top-1 and
 top-5 error and seconds per image of `center`, `full`, `10`, `10crop` and `multi`, with the
@@ -11,7 +12,9 @@ in time, with the conv-pixel ratio that bounds it; `multi` against `center`), an
 channels-last speed-up of the trunk on the test images.
 
   python bench/classification.py [--dataset ../shared/datasets/flowers17] [--config configs/flowers17.yaml]
-                                 [--modes crop224,multisize] [--out data/bench/classification]
+                                 [--modes crop224,multisize,scales] [--out data/bench/classification]
+
+The per-scale errors behind `multi` come from `tools/test_classifier.py --views breakdown`.
 """
 from __future__ import annotations
 
@@ -96,7 +99,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dataset", default=str((common.ROOT / ".." / "shared" / "datasets" / "flowers17").resolve()))
     ap.add_argument("--config", default=str(common.ROOT / "configs" / "flowers17.yaml"))
-    ap.add_argument("--modes", default="crop224,multisize", help="classifier.input values to train")
+    ap.add_argument("--modes", default="crop224,multisize,scales", help="classifier.input values to train")
     ap.add_argument("--set", dest="overrides", nargs="+", default=[], metavar="KEY=VALUE")
     ap.add_argument("--out", default=str(common.ROOT / "data" / "bench" / "classification"),
                     help="work folder (wiped at the start if this script made it)")
@@ -105,7 +108,7 @@ def main(argv=None) -> int:
     from detector.config import load_config
     from detector.datasets.imagefolder import load_image_folder
 
-    common.print_header("classification: view schemes after fixed-size and multi-size training")
+    common.print_header("classification: view schemes after fixed-size, multi-size and every-test-scale training")
     out = Path(args.out).resolve()
     if out.exists():
         if not (out / MARKER).is_file() and any(out.iterdir()):

@@ -43,10 +43,12 @@ def detect_cli() -> int:
     return run_tool(detect_main)
 
 
-def parse_training_args(parser: argparse.ArgumentParser, argv=None):
+def parse_training_args(parser: argparse.ArgumentParser, argv=None, classification: bool = False):
     """(args, config) of a training tool: its arguments plus --config / --set (and --device, if
     the tool has it), logging set up, the resolved config printed once (by torchrun's rank 0;
-    the run folder keeps a copy)."""
+    the run folder keeps a copy).  `classification`: the config starts from the classification
+    defaults (detector.classification.defaults) rather than detection's, and a line before it
+    says which."""
     import logging
 
     from detector.config import add_config_args, load_config
@@ -55,9 +57,15 @@ def parse_training_args(parser: argparse.ArgumentParser, argv=None):
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     device = getattr(args, "device", None)
-    cfg = load_config(args.config, args.overrides + ([f"features.device={device}"] if device else []))
+    overrides = args.overrides + ([f"features.device={device}"] if device else [])
+    if classification:
+        from detector.classification.defaults import load_classification_config
+
+        cfg, line = load_classification_config(args.config, overrides)
+    else:
+        cfg, line = load_config(args.config, overrides), "config:"
     if os.environ.get("RANK", "0") == "0":
-        print("config:\n" + cfg.dump())
+        print(line + "\n" + cfg.dump())
     return args, cfg
 
 

@@ -151,7 +151,9 @@ class TestConfig:
 @dataclass
 class ClassifierConfig:
     """Image classification (tools/train_classifier.py, docs/design.md "Classification")."""
-    input: str = "crop224"  # crop224 (fixed crops: the no-SPP baseline) | full (whole images) | multisize
+    # crop224 (fixed crops: the no-SPP baseline) | full (whole images) | multisize | scales (every view of the
+    # multi test scheme at every test_scales scale, and the full image: training sees the scales testing uses)
+    input: str = "crop224"
     fc_dims: list = field(default_factory=lambda: [1024, 1024])
     dropout: float = 0.5
     view_size: int = 224  # crops and views: view_size x view_size pixels of the resized image
@@ -171,6 +173,9 @@ class ClassifierConfig:
     target_norm: float = 20.0  # pool5 is scaled to this mean L2 norm, as in detection
     checkpoint_every: int = 10  # epochs (a checkpoint holds the head and its momentum: ~130 MB at stride 32)
     test_scales: list = field(default_factory=lambda: [224, 256, 300, 360, 448, 560])  # the multi scheme's
+    # test time (changeable for a trained model: tools/test_classifier.py --views / --average):
+    test_views: str = "full"  # the view scheme tools/test_classifier.py uses unless --views says otherwise
+    average: str = "softmax"  # how a scheme's views combine: softmax (mean probability, the paper) | logits
 
 
 @dataclass
@@ -300,8 +305,13 @@ def read_config_file(path: str | Path, _seen: tuple = ()) -> dict:
     return _merge(read_config_file(p.parent / base, _seen + (p.resolve(),)), data)
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                base: Optional[dict] = None) -> Config:
+    """The dataclass defaults, then `base` ({dotted key: value}: a task's own defaults, such as
+    detector.classification.defaults.CLASSIFICATION_DEFAULTS), then the file, then the overrides."""
     cfg = Config()
+    for k, v in (base or {}).items():
+        set_value(cfg, k, v)
     if path is not None:
         data = read_config_file(path)
         try:
@@ -428,10 +438,17 @@ def validate_rpn(r: RPNConfig) -> None:
                                 "min_size >= 0 are needed")
 
 
+CLASSIFIER_INPUTS = ("crop224", "full", "multisize", "scales")
+CLASSIFIER_VIEWS = ("center", "full", "10", "10crop", "multi")  # detector.classification.views.SCHEMES
+
+
 def validate_classifier(c: ClassifierConfig) -> None:
     # No rule against features.max_size: a scale it caps gives a smaller image, and views clip to it.
-    _check(c.input in ("crop224", "full", "multisize"), f"classifier.input must be crop224, full or multisize, "
-                                                        f"got {c.input!r}")
+    _check(c.input in CLASSIFIER_INPUTS, f"classifier.input must be one of {', '.join(CLASSIFIER_INPUTS)}, "
+                                         f"got {c.input!r}")
+    _check(c.input != "scales" or c.trunk_trainable_blocks == 0,
+           "classifier.input=scales trains on the cached pool5 of every test view: it needs a frozen trunk "
+           "(classifier.trunk_trainable_blocks=0)")
     _check(len(c.fc_dims) == 2 and _ints(c.fc_dims, 1), f"classifier.fc_dims must list two sizes (fc6, fc7), "
                                                          f"got {c.fc_dims}")
     _check(0 <= c.dropout < 1, f"classifier.dropout must be in [0, 1), got {c.dropout}")
@@ -456,6 +473,9 @@ def validate_classifier(c: ClassifierConfig) -> None:
            f"classifier.trunk_trainable_blocks must be >= 0 (0: frozen trunk), got {c.trunk_trainable_blocks}")
     _check(_ints(c.test_scales, 32), f"classifier.test_scales must be a non-empty list of integers >= 32, "
                                      f"got {c.test_scales}")
+    _check(c.test_views in CLASSIFIER_VIEWS, f"classifier.test_views must be one of {', '.join(CLASSIFIER_VIEWS)}, "
+                                             f"got {c.test_views!r}")
+    _check(c.average in ("softmax", "logits"), f"classifier.average must be softmax or logits, got {c.average!r}")
 
 
 # Settings a trained model may change (--set in test_voc.py, detect.py): test.* and the learned

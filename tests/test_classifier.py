@@ -444,3 +444,211 @@ def test_image_folder_reader_sorts_classes_and_labels_by_folder(tmp_path):
     assert [Path(p).parent.name for p in s.paths] == [COLOURS[k] for k in s.labels]
     t = load_image_folder(d, "test", ["red", "green", "blue", "violet"])  # the model's order, extra classes allowed
     assert [Path(p).parent.name for p in t.paths] == [["red", "green", "blue", "violet"][k] for k in t.labels]
+
+
+# ------------------------------------------------------------- classification defaults (issue 22)
+def test_train_tool_starts_from_the_classification_defaults(tmp_path, monkeypatch, capsys):
+    """No --config: the classification defaults (stride-32 cut, `scales` training, `multi` testing),
+    and a line that says so; a --config file goes on top of them; detection's defaults unchanged."""
+    import detector.classification.training as ct
+    from detector.config import load_config
+    from tools import train_classifier
+
+    seen = []
+    monkeypatch.setattr(ct, "train_classifier", lambda dataset, out, cfg, cache, progress: seen.append(cfg))
+    data = make_folder(tmp_path / "d", n_train=1, n_test=1)
+    assert train_classifier.main(["--dataset", str(data), "--out", str(tmp_path / "r")]) == 0
+    out = capsys.readouterr().out
+    cfg = seen[-1]
+    assert (cfg.backbone.cut, cfg.classifier.input, cfg.classifier.test_views) == ("stride32", "scales", "multi")
+    assert "config: the classification defaults, detector/classification/defaults.py" in out.splitlines()[0]
+    assert train_classifier.main(["--dataset", str(data), "--out", str(tmp_path / "r"), "--config", str(SMOKE),
+                                  "--set", "classifier.epochs=2"]) == 0
+    out = capsys.readouterr().out
+    cfg = seen[-1]
+    assert (cfg.backbone.cut, cfg.classifier.input, cfg.classifier.epochs) == ("stride32", "multisize", 2)
+    assert out.splitlines()[0].startswith(f"config: {SMOKE} over the classification defaults")
+    assert load_config(None).backbone.cut == "stride16"
+
+
+def _scales_model(tmp_path_factory):
+    from detector.classification.training import train_classifier
+    from detector.classification.defaults import load_classification_config
+
+    tmp = tmp_path_factory.mktemp("scales")
+    data = make_folder(tmp / "data", n_train=3, n_test=2, seed=3)
+    cfg, _ = load_classification_config(str(SMOKE), ["classifier.input=scales", "classifier.epochs=2"])
+    path = train_classifier(str(data), str(tmp / "run"), cfg, str(tmp / "cache"), progress=False)
+    return tmp, data, path
+
+
+@pytest.fixture(scope="module")
+def scales_trained(tmp_path_factory):
+    return _scales_model(tmp_path_factory)
+
+
+def test_scales_training_draws_views_of_every_test_scale_and_the_full_image(scales_trained):
+    """The pool5 table holds, per image, grid9 x 2 views of each test scale and the two full-image
+    views (counted by hand from view_boxes), and draw_views picks every group over the epochs."""
+    import json
+
+    from detector.classification.training import draw_views
+    from detector.classification.views import view_boxes
+    from detector.images import image_size
+
+    tmp, data, path = scales_trained
+    import detector
+
+    clf = detector.load_classifier(path)
+    c = clf.cfg.classifier
+    assert c.input == "scales" and clf.cfg.backbone.cut == "stride32" and c.test_views == "multi"
+    summary = json.loads((tmp / "run" / "train_summary.json").read_text())
+    assert [e["size"] for e in summary["epochs"]] == ["scales", "scales"]
+    counts = []
+    for p in sorted((data / "train").glob("*/*.jpg")):
+        W, H = image_size(p)
+        counts.append([2 * len(view_boxes(W, H, s, c.view_size, "grid9", clf.cfg.features.max_size))
+                       for s in sorted(c.test_scales)] + [2])
+    first, groups = 0, []
+    for n in counts:
+        groups.append([(first + sum(n[:k]), n[k]) for k in range(len(n))])
+        first += sum(n)
+    hits = np.zeros((len(groups), len(c.test_scales) + 1), int)
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        for i, row in enumerate(draw_views(groups, rng)):
+            k = next(k for k, (a, n) in enumerate(groups[i]) if a <= row < a + n)
+            hits[i, k] += 1
+    assert (hits > 0).all()
+
+
+def _naive_scores(clf, path, scales, flips, full, average):
+    """The views of a set pooled one map at a time, written out plainly: grid9 (or one scheme's
+    positions) at each scale, on the image and its mirror image, and the full-image views."""
+    from detector.classification.views import full_box, view_boxes
+    from detector.images import load_image
+
+    c = clf.cfg.classifier
+    img = load_image(path)
+    H, W = img.shape[:2]
+    rows = []
+    for scale, positions in scales:
+        boxes = view_boxes(W, H, scale, c.view_size, positions, clf.cfg.features.max_size)
+        for flip in flips:
+            maps = clf.extractor(scale)(img, flip=flip)
+            rows.append(clf.logits(clf.embedder.pool5(maps, boxes, np.zeros(len(boxes), np.int64))))
+    for flip in full:
+        maps = clf.extractor(c.full_scale)(img, flip=flip)
+        rows.append(clf.logits(clf.embedder.pool5(maps, full_box(W, H), np.zeros(1, np.int64))))
+    logits = torch.cat(rows).double()
+    if average == "softmax":
+        return torch.softmax(logits, 1).mean(0).numpy()
+    return torch.softmax(logits.mean(0), 0).numpy()
+
+
+def test_breakdown_matches_each_view_set_computed_alone(scales_trained):
+    """Every row of the breakdown (one pass, each map once) against its views pooled map by map
+    (_naive_scores), for both averagings; the errors against the labels counted by hand."""
+    from detector.classification.evaluate import run_breakdown
+    from detector.datasets.imagefolder import load_image_folder
+
+    tmp, data, path = scales_trained
+    import detector
+
+    clf = detector.load_classifier(path)
+    c = clf.cfg.classifier
+    split = load_image_folder(data, "test", clf.class_names)
+    table = {(r["scheme"], r["average"]): r for r in run_breakdown(clf, split, progress=False)}
+    ordered = sorted(c.test_scales)
+    sets = {"center": ([(c.view_scale, "center")], (False,), ()), "full": ([], (), (False,)),
+            "10": ([(c.view_scale, "corners5")], (False, True), ())}
+    sets.update({f"scale {s}": ([(s, "grid9")], (False, True), ()) for s in ordered})
+    sets.update({f"up to {s}": ([(t, "grid9") for t in ordered[:k + 1]], (False, True), (False, True))
+                 for k, s in enumerate(ordered[:-1])})
+    sets["multi"] = ([(t, "grid9") for t in ordered], (False, True), (False, True))
+    assert sorted({k[0] for k in table}) == sorted(sets)
+    for name, (scales, flips, full) in sets.items():
+        for average in ("softmax", "logits"):
+            r = table[(name, average)]
+            ref = np.stack([_naive_scores(clf, p, scales, flips, full, average) for p in split.paths])
+            np.testing.assert_allclose(r["scores"], ref, atol=1e-5, err_msg=f"{name} {average}")
+            wrong = [int(np.argmax(s)) != y for s, y in zip(ref, split.labels)]
+            assert r["top1_err"] == pytest.approx(sum(wrong) / len(wrong)), (name, average)
+
+
+def test_classify_averages_softmax_or_logits_as_asked(scales_trained):
+    """classify(average=...) against the breakdown's `multi` row (the schemes' own path)."""
+    import detector
+    from detector.classification.evaluate import run_breakdown
+    from detector.datasets.imagefolder import load_image_folder
+
+    _, data, path = scales_trained
+    clf = detector.load_classifier(path)
+    split = load_image_folder(data, "test", clf.class_names)
+    table = {(r["scheme"], r["average"]): r for r in run_breakdown(clf, split, progress=False)}
+    for average in ("softmax", "logits"):
+        for scheme in ("center", "full", "10", "multi"):
+            got = np.stack([clf.classify(p, views=scheme, average=average)["scores"] for p in split.paths])
+            np.testing.assert_allclose(got, table[(scheme, average)]["scores"], atol=1e-5)
+    assert clf.classify(split.paths[0], views="multi")["scores"] == pytest.approx(
+        table[("multi", "softmax")]["scores"][0], abs=1e-5)  # the model's own averaging: softmax
+
+
+def test_test_tool_breakdown_and_the_models_own_scheme(scales_trained, tmp_path, capsys):
+    import json
+
+    _, data, path = scales_trained
+    rc, out, errors = run("test_classifier", ["--model", path, "--dataset", data, "--views", "breakdown",
+                                              "--quiet", "--out", tmp_path / "res"], capsys)
+    assert rc == 0 and not errors
+    res = json.loads((tmp_path / "res" / "results.json").read_text())
+    multi = next(r for r in res if r["scheme"] == "multi" and r["average"] == "softmax")
+    assert out.strip().splitlines()[-2] == f"top1_err = {multi['top1_err']:.4f}"  # the model's own: multi
+    for r in res:
+        if r["average"] == "logits":
+            row = next(line for line in out.splitlines() if line.startswith(r["scheme"] + " "))
+            assert row.split()[-3] == f"{r['top1_err']:.4f}"
+    rc, out, errors = run("test_classifier", ["--model", path, "--dataset", data, "--quiet", "--average", "logits"],
+                          capsys)
+    assert rc == 0 and "views: multi (the model's classifier.test_views); averaging the views' logits" in out
+    logits = next(r for r in res if r["scheme"] == "multi" and r["average"] == "logits")
+    assert out.strip().splitlines()[-2] == f"top1_err = {logits['top1_err']:.4f}"
+
+
+@pytest.mark.parametrize("case", ["one class", "no readable image"])
+def test_training_folder_errors_name_the_folder(tmp_path, capsys, case):
+    import shutil
+
+    d = make_folder(tmp_path / "d", n_train=2, n_test=1)
+    if case == "one class":
+        for name in COLOURS[1:]:
+            shutil.rmtree(d / "train" / name)
+        names = f"{d / 'train'} has one class folder (blue)"
+    else:
+        for p in (d / "train" / "green").iterdir():
+            p.write_bytes(b"not an image")
+        names = f"class folder {d / 'train' / 'green'} has no readable image"
+    rc, _, errors = run("train_classifier", ["--dataset", d, "--out", tmp_path / "r", "--quiet", "--cache",
+                                             tmp_path / "c", "--config", SMOKE, "--set", "classifier.epochs=1"],
+                        capsys)
+    assert rc == 2 and len(errors) == 1 and names in errors[0], errors
+
+
+def test_grayscale_and_16_bit_images_classify_like_their_rgb(trained, tmp_path):
+    """An 8-bit grayscale PNG, the same as 16-bit, and the grey replicated to RGB: one score."""
+    import detector
+    from detector.datasets.imagefolder import load_image_folder
+
+    _, _, path = trained
+    clf = detector.load_classifier(path)
+    grey = np.random.default_rng(5).integers(0, 256, (70, 90), dtype=np.uint8)
+    d = tmp_path / "test" / "red"
+    d.mkdir(parents=True)
+    Image.fromarray(grey, mode="L").save(d / "grey8.png")
+    Image.fromarray(grey.astype(np.uint16) * 257).save(d / "grey16.png")
+    assert Image.open(d / "grey16.png").mode.startswith("I")
+    split = load_image_folder(tmp_path, "test", clf.class_names)
+    assert len(split) == 2 and not split.skipped
+    want = clf.classify(np.repeat(grey[:, :, None], 3, 2), views="10")["scores"]
+    for p in split.paths:
+        np.testing.assert_allclose(clf.classify(p, views="10")["scores"], want, atol=1e-6)

@@ -62,7 +62,8 @@ CLAIMS = {
     "flowers17.yaml": {"backbone.cut": "stride32", "classifier.input": "crop224", "classifier.view_size": 224, "classifier.view_scale": 256,
                        "classifier.sizes": [224, 180], "classifier.size_schedule": "alternate",
                        "classifier.full_scale": 256, "classifier.trunk_trainable_blocks": 0,
-                       "classifier.test_scales": [224, 256, 300, 360, 448, 560]},
+                       "classifier.test_scales": [224, 256, 300, 360, 448, 560], "classifier.test_views": "full"},
+    "classification.yaml": {},  # CLASSIFICATION_DEFAULTS: checked key by key below
 }
 
 
@@ -170,3 +171,20 @@ def test_tools_print_input_errors_without_traceback(capsys):
 
     with pytest.raises(KeyError):
         run_tool(bug)
+
+
+def test_classification_yaml_is_the_classification_defaults():
+    """configs/classification.yaml and detector/classification/defaults.py hold the same values,
+    and detection's own defaults are not touched by them."""
+    from detector.classification.defaults import CLASSIFICATION_DEFAULTS
+
+    from_file = load_config(CONFIGS / "classification.yaml")
+    assert from_file == load_config(None, base=CLASSIFICATION_DEFAULTS)
+    for key, value in CLASSIFICATION_DEFAULTS.items():
+        assert _get(from_file, key) == value, key
+    import yaml
+
+    flat = {f"{section}.{k}": v for section, keys in yaml.safe_load((CONFIGS / "classification.yaml").read_text())
+            .items() for k, v in keys.items()}
+    assert flat == CLASSIFICATION_DEFAULTS  # the file sets exactly those keys, no more
+    assert load_config(None).backbone.cut == "stride16"  # detection's default is unchanged

@@ -3,10 +3,16 @@
 
 Prints top-1 and top-5 error and seconds per image for the view scheme asked, and per-class
 top-1 accuracy.  The last two lines are `top1_err = 0.xxxx` and `top5_err = 0.xxxx` (with
-`--views all`: of `multi`, the last scheme).  Schemes (docs/design.md, "Classification"):
-center (one 224 view), full (the whole image), 10 (corners + centre with flips, windows on
-one conv map), 10crop (the same views as crops, each through the trunk), multi (6 scales x
-18 views + 2 full-image views), all.
+`--views all`: of `multi`, the last scheme; with `--views breakdown`: of the model's own
+scheme, classifier.test_views).  Schemes (docs/design.md, "Classification"): center (one
+224 view), full (the whole image), 10 (corners + centre with flips, windows on one conv
+map), 10crop (the same views as crops, each through the trunk), multi (6 scales x 18 views
++ 2 full-image views), all.  Without --views: the model's classifier.test_views (multi
+for a model trained with the classification defaults).
+
+`--views breakdown`: top-1 / top-5 error of every view set from one pass over the conv
+maps (center, full, 10, each test scale alone, the scales cumulated up to multi), with the
+views' softmax averaged and with their logits averaged: which scales help, which hurt.
 
   python tools/test_classifier.py --model data/runs/flowers17/model.safetensors \\
       --dataset ../shared/datasets/flowers17 --views all
@@ -22,20 +28,27 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from detector.cli import run_tool  # noqa: E402
 from detector.classification.views import SCHEMES  # noqa: E402  (torch-free)
 
+AVERAGES = ("softmax", "logits")  # detector.classification.classifier.AVERAGES (that module imports torch)
+
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True)
     ap.add_argument("--dataset", required=True, help="image-folder root: DIR/<split>/<class>/*.jpg")
     ap.add_argument("--split", default="test")
-    ap.add_argument("--views", default="full", choices=list(SCHEMES) + ["all"])
+    ap.add_argument("--views", default=None, choices=list(SCHEMES) + ["all", "breakdown"],
+                    help="view scheme (default: the model's classifier.test_views)")
+    ap.add_argument("--average", default=None, choices=list(AVERAGES),
+                    help="combine a scheme's views by their softmax or their logits (default: the model's "
+                         "classifier.average)")
     ap.add_argument("--out", default=None, help="also write predictions_<scheme>.csv and results.json here")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
     import detector
-    from detector.classification.evaluate import format_results, run_scheme, write_results
+    from detector.classification.evaluate import (format_breakdown, format_results, run_breakdown, run_scheme,
+                                                  write_results)
     from detector.datasets.imagefolder import load_image_folder
 
     from detector.images import image_pixels
@@ -43,19 +56,30 @@ def main(argv=None) -> int:
 
     w = init_from_env()
     clf = detector.load_classifier(args.model)
+    c = clf.cfg.classifier
+    views, average = args.views or c.test_views, args.average or c.average
     data = load_image_folder(args.dataset, args.split, clf.class_names)
-    schemes = list(SCHEMES) if args.views == "all" else [args.views]
     mine = shard([image_pixels(p) for p in data.paths])  # all of them in one process
     log_shard("classify", len(mine))
-    results = [run_scheme(clf, data, s, progress=not args.quiet, mine=mine) for s in schemes]
+    if views == "breakdown":
+        table = run_breakdown(clf, data, progress=not args.quiet, mine=mine)
+        results = [r for r in table if r["scheme"] == c.test_views and r["average"] == average]
+    else:
+        schemes = list(SCHEMES) if views == "all" else [views]
+        results = [run_scheme(clf, data, s, progress=not args.quiet, mine=mine, average=average) for s in schemes]
     if not w.main:
         return 0
     skipped = data.skipped + results[0]["skipped"]
     print(f"{args.dataset}/{args.split}: {len(results[0]['labels'])} images, {len(clf.class_names)} classes"
           + (f"; skipped {len(skipped)} unreadable: " + ", ".join(p for p, _ in skipped[:5]) if skipped else ""))
+    print(f"views: {views}" + ("" if args.views else " (the model's classifier.test_views)")
+          + f"; averaging the views' {average}" + ("" if args.average else " (the model's classifier.average)"))
+    if views == "breakdown":
+        print(format_breakdown(table))
+        print(f"the model's own scheme ({c.test_views}, {average}):")
     print(format_results(results, clf.class_names))
     if args.out:
-        write_results(Path(args.out), results, clf.class_names)
+        write_results(Path(args.out), table if views == "breakdown" else results, clf.class_names)
         print(f"results in {args.out}")
     last = results[-1]
     print(f"top1_err = {last['top1_err']:.4f}")

@@ -4,8 +4,12 @@ conv maps cached once, fc layers trained on SPP vectors -> RUN_DIR/model.safeten
 Interrupt it and run it again: it resumes from its last epoch.  Under torchrun the conv maps
 are split over the processes (on a shared --cache) and rank 0 trains the fc layers.
 
-  python tools/train_classifier.py --dataset ../shared/datasets/flowers17 --out data/runs/flowers17 \\
-      --config configs/flowers17.yaml [--set classifier.input=multisize]
+Without --config it starts from the classification defaults (detector/classification/defaults.py,
+the same as configs/classification.yaml: stride-32 trunk, trained on the views of every test
+scale); a --config file and --set go on top of them.
+
+  python tools/train_classifier.py --dataset ../shared/datasets/flowers17 --out data/runs/flowers17
+  python tools/train_classifier.py --dataset ... --out ... --config configs/flowers17.yaml  # 224 crops only
   torchrun --nproc-per-node 2 tools/train_classifier.py --dataset ... --out ... --config ...
 """
 import argparse
@@ -23,7 +27,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True, help="run directory (model, checkpoint, summary)")
     ap.add_argument("--cache", default="data/cache", help="conv-map cache root")
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
-    args, cfg = parse_training_args(ap, argv)
+    args, cfg = parse_training_args(ap, argv, classification=True)
     from detector.classification.training import train_classifier
     from detector.distributed import init_from_env
 

@@ -16,7 +16,7 @@ blocks included), the fc layers and the pool5 scale, with the config and class n
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence, Union
+from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -45,14 +45,29 @@ def classifier_embedder(cfg: Config, backbone: Backbone, num_classes: int, pool5
     return emb
 
 
-def classifier_extractor(cfg: Config, backbone: Backbone, scale: int, device: str = "auto") -> FeatureExtractor:
-    """Conv maps at one scale, channels-last (faster on a CPU; training caches them the same way)."""
-    return FeatureExtractor(backbone, [scale], cfg.features.max_size, device, channels_last=True)
+def classifier_extractor(cfg: Config, backbone: Backbone, scale: Union[int, Sequence[int]],
+                         device: str = "auto") -> FeatureExtractor:
+    """Conv maps at one scale (or several), channels-last (faster on a CPU; training caches them the same way)."""
+    scales = [scale] if isinstance(scale, int) else list(scale)
+    return FeatureExtractor(backbone, scales, cfg.features.max_size, device, channels_last=True)
 
 
 def whole_pool5(embedder: WindowEmbedder, sf: ScaleFeatures) -> torch.Tensor:
     """Scaled pool5 [1, D] of a whole map (a full image, or a crop's own map)."""
     return embedder.pool5([sf], full_box(*sf.image_size), np.zeros(1, np.int64))
+
+
+AVERAGES = ("softmax", "logits")
+
+
+def combine_views(logits: torch.Tensor, average: str) -> torch.Tensor:
+    """[K] class probabilities of an image from its views' fc8 outputs [V, K]: the mean of
+    their softmax (`softmax`, the paper's score averaging) or the softmax of their mean (`logits`)."""
+    if average == "softmax":
+        return torch.softmax(logits, dim=1).mean(0)
+    if average == "logits":
+        return torch.softmax(logits.mean(0), dim=0)
+    raise ValueError(f"average must be one of {', '.join(AVERAGES)}, got {average!r}")
 
 
 class SPPClassifier:
@@ -82,6 +97,11 @@ class SPPClassifier:
     def probabilities(self, pool5: torch.Tensor) -> torch.Tensor:
         """[N, K] softmax of scaled pool5 rows."""
         return torch.softmax(self.head(pool5), dim=1)
+
+    @torch.inference_mode()
+    def logits(self, pool5: torch.Tensor) -> torch.Tensor:
+        """[N, K] fc8 outputs of scaled pool5 rows."""
+        return self.head(pool5)
 
     def _view_pool5(self, img: np.ndarray, groups: list[ViewGroup], timer: StageTimer) -> torch.Tensor:
         """Scaled pool5 of every view, each (scale, flip) map computed once; where a scale
@@ -115,16 +135,20 @@ class SPPClassifier:
         return torch.cat(rows)
 
     @torch.inference_mode()
-    def classify(self, image, views: str = "full", timer: StageTimer = NO_TIMER) -> dict:
+    def classify(self, image, views: str = "full", timer: StageTimer = NO_TIMER,
+                 average: Optional[str] = None) -> dict:
         """Classify one image, of any size and aspect ratio.
 
         image: a path, a PIL image, or an HxWx3 uint8 array in **RGB** order.
         views: center | full | 10 | 10crop | multi (detector.classification.views.scheme).
-        Returns dict(scores float32 [K]: softmax averaged over the views, label int,
+        average: softmax (the views' probabilities averaged, the paper's) | logits (the softmax
+        of the averaged fc8 outputs); default the model's classifier.average.
+        Returns dict(scores float32 [K]: the views' combined probabilities, label int,
         label_name str, top5 list of (name, score), best first).
         """
         if views not in SCHEMES:
             raise ValueError(f"unknown view scheme {views!r}; choose one of {', '.join(SCHEMES)}")
+        average = average or self.cfg.classifier.average
         timer.start()
         img = load_image(image)
         H, W = img.shape[:2]
@@ -132,7 +156,7 @@ class SPPClassifier:
         timer.lap("load")
         crop = views == "10crop"
         pool5 = (self._crop_pool5 if crop else self._view_pool5)(img, groups, timer)
-        scores = self.probabilities(pool5).mean(0).numpy().astype(np.float32)
+        scores = combine_views(self.logits(pool5), average).numpy().astype(np.float32)
         timer.lap("fc")
         timer.count("views", count_views(groups))
         order = np.argsort(-scores, kind="stable")

@@ -14,6 +14,14 @@ Input modes (`classifier.input`):
   one conv pass over every crop, so `random` costs a pass per distinct size drawn.
 - `full`: the whole image at `full_scale` (shorter side) and its mirror image, pooled
   whole by SPP: no crop, no warp (paper 3.1.4).
+- `scales`: the views the `multi` test scheme averages (grid9 windows of `view_size`,
+  and their mirror images, at every scale of `test_scales`, plus the whole image at
+  `full_scale` and its mirror), pooled from each image's conv maps at those scales.  Each
+  epoch draws one view per image: a scale (or the full image) uniformly, then a view of
+  it.  The network so sees, in training, the scales it is tested at (paper 3.1.3 trains
+  at several sizes for that reason); trained at 224 and 256 only, the views at 448 and
+  560 are ones it never saw.  The pool5 of every view is kept in memory (float16, about
+  3 MB an image at stride 32), so a frozen trunk is required.
 
 The trunk is frozen by default: every crop's or image's map is computed once into a
 content-keyed cache (crops.CropCache, features.FeatureCache), its pool5 vector once per
@@ -42,6 +50,7 @@ from detector.cache import atomic_write_json, atomic_write_text, load_checkpoint
 from detector.classification.classifier import SPPClassifier, classifier_embedder, classifier_extractor, whole_pool5
 from detector.config import Config, result_settings
 from detector.classification.crops import CropCache
+from detector.classification.views import view_boxes
 from detector.distributed import barrier, check_same_config, check_shared_folder, log_shard, shard, world
 from detector.datasets.imagefolder import ImageFolderSplit, load_image_folder
 from detector.core.embedder import WindowEmbedder
@@ -53,9 +62,15 @@ from detector.images import image_pixels
 log = logging.getLogger(__name__)
 
 
+SCALES = 0  # the "size" under which `scales` training keeps its views (they have every test scale)
+
+
 def epoch_size(cfg: Config, epoch: int) -> int:
-    """The input size of an epoch: the crop size, the full-image scale, or the multi-size schedule's."""
+    """The input size of an epoch: the crop size, the full-image scale, or the multi-size schedule's
+    (SCALES for `scales` training, whose views have every test scale)."""
     c = cfg.classifier
+    if c.input == "scales":
+        return SCALES
     if c.input == "crop224":
         return c.view_size
     if c.input == "full":
@@ -70,14 +85,19 @@ class TrainingMaps:
 
     def __init__(self, cfg: Config, extractor: FeatureExtractor, cache_root: str):
         c, dtype = cfg.classifier, cfg.features.cache_dtype
-        self.full = c.input == "full"
-        if self.full:
+        self.full = c.input in ("full", "scales")
+        self.scales = c.input == "scales"
+        if self.full:  # `scales`: the extractor has every test scale and the full-image scale
             self.cache = FeatureCache(Path(cache_root) / "features", extractor, dtype)
         else:
             self.cache = CropCache(Path(cache_root) / "crops", extractor, dtype, c.view_scale, c.view_size,
                                    c.crop_positions)
 
     def get(self, path: str, size: int) -> list[ScaleFeatures]:
+        """`full`: the image's map and its mirror image's; `scales`: the maps of every scale, then
+        the mirror image's; crops: each crop's map at `size`."""
+        if self.scales:
+            return self.cache.get(path, False) + self.cache.get(path, True)
         if self.full:
             return [self.cache.get(path, flip)[0] for flip in (False, True)]
         maps, (w, h) = self.cache.get_crops(path, size)
@@ -87,18 +107,51 @@ class TrainingMaps:
 @dataclass
 class Samples:
     """The usable training images and, for a frozen trunk, their unscaled pool5 per size."""
+    cfg: Config
     paths: list[str]
     labels: np.ndarray
     maps: TrainingMaps
-    tables: dict  # size -> float16 [images, samples per image, D] (frozen trunk only)
+    tables: dict  # size -> float16 [images, samples per image, D] (frozen trunk only); SCALES -> [views, D]
     skipped: list
+    groups: Optional[list] = None  # `scales`: per image, (first row, rows) of each scale's views and the full image's
+
+
+def scale_view_rows(cfg: Config, embedder: WindowEmbedder, maps: list[ScaleFeatures]) -> tuple[torch.Tensor, list]:
+    """Unscaled pool5 of the `multi` scheme's views of one image ([n, D]) and the (first row,
+    rows) of each group: one per test scale (its grid9 views on the image and on its mirror
+    image), then the full image and its mirror.  `maps`: TrainingMaps.get's, every scale of
+    the image, then of its mirror image."""
+    c = cfg.classifier
+    half = len(maps) // 2
+    by_scale = [{sf.scale: sf for sf in maps[:half]}, {sf.scale: sf for sf in maps[half:]}]
+    W, H = maps[0].image_size
+    rows, groups, n = [], [], 0
+    for scale in sorted(c.test_scales):
+        boxes = view_boxes(W, H, scale, c.view_size, "grid9", cfg.features.max_size)
+        for side in by_scale:
+            rows.append(embedder.pool5([side[scale]], boxes, np.zeros(len(boxes), np.int64)))
+        groups.append((n, 2 * len(boxes)))
+        n += 2 * len(boxes)
+    rows += [whole_pool5(embedder, side[c.full_scale]) for side in by_scale]
+    groups.append((n, 2))
+    return torch.cat(rows), groups
+
+
+def draw_views(groups: list, rng: np.random.Generator) -> np.ndarray:
+    """One row per image: a group (a test scale, or the full image) uniformly, then a view of it."""
+    out = np.empty(len(groups), np.int64)
+    for i, g in enumerate(groups):
+        first, count = g[rng.integers(len(g))]
+        out[i] = first + rng.integers(count)
+    return out
 
 
 def collect(samples: Samples, size: int, embedder: Optional[WindowEmbedder], progress: bool) -> None:
     """Fill the cache at `size` (and, given the unscaled embedder of a frozen trunk, the pool5
     table); images that cannot be read are dropped from `samples`, with a warning, and counted."""
-    keep, rows = [], []
-    for i, p in enumerate(progress_bar(samples.paths, desc=f"conv maps, size {size}", unit="img", disable=not progress)):
+    keep, rows, groups, n = [], [], [], 0
+    desc = "conv maps, test scales" if size == SCALES else f"conv maps, size {size}"
+    for i, p in enumerate(progress_bar(samples.paths, desc=desc, unit="img", disable=not progress)):
         try:
             maps = samples.maps.get(p, size)
         except (ImageError, OSError) as e:
@@ -106,13 +159,21 @@ def collect(samples: Samples, size: int, embedder: Optional[WindowEmbedder], pro
             samples.skipped.append((p, str(e)))
             continue
         keep.append(i)
-        if embedder is not None:
+        if size == SCALES:
+            r, g = scale_view_rows(samples.cfg, embedder, maps)
+            rows.append(r.half())
+            groups.append([(first + n, count) for first, count in g])
+            n += len(r)
+        elif embedder is not None:
             rows.append(torch.cat([whole_pool5(embedder, sf) for sf in maps]).half())
     if len(keep) < len(samples.paths):
         samples.paths = [samples.paths[i] for i in keep]
         samples.labels = samples.labels[keep]
         samples.tables = {s: t[torch.as_tensor(keep)] for s, t in samples.tables.items()}
-    if embedder is not None:
+    if size == SCALES:  # one flat table: images have different numbers of distinct views
+        samples.tables[size] = torch.cat(rows) if rows else torch.zeros(0)
+        samples.groups = groups
+    elif embedder is not None:
         samples.tables[size] = torch.stack(rows) if rows else torch.zeros(0)
 
 
@@ -132,6 +193,8 @@ class Trainer:
         """Scaled pool5 [B, D] of sample pick[k] of image idx[k] (through `embedder`, default the
         trainer's own)."""
         s, emb = self.samples, embedder or self.embedder
+        if size == SCALES:  # `pick` holds rows of the flat table
+            return s.tables[size][torch.from_numpy(pick)].float() * emb.pool5_scale
         if self.suffix is None:
             return s.tables[size][torch.from_numpy(idx), torch.from_numpy(pick)].float() * emb.pool5_scale
         rows = []
@@ -150,9 +213,12 @@ class Trainer:
         rng = np.random.default_rng([self.cfg.seed, epoch])
         torch.manual_seed(self.cfg.seed * 100_003 + epoch)  # dropout
         order = rng.permutation(n)
-        per_image = len(self.samples.maps.get(self.samples.paths[0], size)) if self.suffix is not None \
-            else self.samples.tables[size].shape[1]
-        pick = rng.integers(0, per_image, n)
+        if size == SCALES:
+            pick = draw_views(self.samples.groups, rng)
+        else:
+            per_image = len(self.samples.maps.get(self.samples.paths[0], size)) if self.suffix is not None \
+                else self.samples.tables[size].shape[1]
+            pick = rng.integers(0, per_image, n)
         head = self.embedder.head.train()
         losses, correct = [], 0
         for b in range(0, n, c.batch_size):
@@ -166,7 +232,7 @@ class Trainer:
             losses.append(loss.item() * len(idx))
             correct += int((logits.argmax(1) == y).sum())
         head.eval()
-        return {"epoch": epoch + 1, "size": size, "lr": lr, "loss": sum(losses) / n, "train_acc": correct / n}
+        return {"epoch": epoch + 1, "size": "scales" if size == SCALES else size, "lr": lr, "loss": sum(losses) / n, "train_acc": correct / n}
 
     def state(self, epoch: int) -> dict:
         return {"epoch": epoch, "head": self.embedder.head.state_dict(), "optimizer": self.opt.state_dict(),
@@ -186,13 +252,18 @@ def pool5_sample(trainer: Trainer, size: int, seed: int, n: int = 2000):
     """What `WindowEmbedder.fit_pool5_scale` estimates pool5's constant from (as in detection):
     up to `n` seeded samples at `size`, pooled through the embedder given."""
     s = trainer.samples
-    per_image = len(s.maps.get(s.paths[0], size))
     rng = np.random.default_rng([seed, 7])
-    flat = rng.choice(len(s.paths) * per_image, size=min(n, len(s.paths) * per_image), replace=False)
+    if size == SCALES:  # rows of the flat table: every view of every image alike
+        rows = rng.choice(len(s.tables[size]), size=min(n, len(s.tables[size])), replace=False)
+        idx, pick = np.zeros_like(rows), rows
+    else:
+        per_image = len(s.maps.get(s.paths[0], size))
+        flat = rng.choice(len(s.paths) * per_image, size=min(n, len(s.paths) * per_image), replace=False)
+        idx, pick = flat // per_image, flat % per_image
 
     def sample(embedder: WindowEmbedder) -> torch.Tensor:
         with torch.no_grad():
-            return trainer.pool5(flat // per_image, flat % per_image, size, embedder)
+            return trainer.pool5(idx, pick, size, embedder)
 
     return sample
 
@@ -225,7 +296,8 @@ def _check_classes(samples: Samples, names: list[str], root: str) -> None:
     left = set(samples.labels.tolist())
     empty = [n for k, n in enumerate(names) if k not in left]
     if empty:
-        raise DatasetError(f"class {empty[0]!r} of {root}/train has no readable image left")
+        raise DatasetError(f"class folder {Path(root) / 'train' / empty[0]} has no readable image "
+                           f"(every one was skipped: see the warnings)")
 
 
 def train_classifier(dataset: str, out: str, cfg: Config, cache_root: str = "data/cache",
@@ -241,9 +313,10 @@ def train_classifier(dataset: str, out: str, cfg: Config, cache_root: str = "dat
     torch.manual_seed(cfg.seed)  # the head's initial weights
     backbone = build_backbone(cfg.backbone)
     frozen, suffix = split_trunk(backbone, c.trunk_trainable_blocks)
-    extractor = classifier_extractor(cfg, frozen, c.full_scale, cfg.features.device)
+    scales = sorted(set(c.test_scales) | {c.full_scale}) if c.input == "scales" else [c.full_scale]
+    extractor = classifier_extractor(cfg, frozen, scales, cfg.features.device)
     embedder = classifier_embedder(cfg, backbone, len(data.class_names))
-    samples = Samples(list(data.paths), np.array(data.labels, np.int64), TrainingMaps(cfg, extractor, cache_root),
+    samples = Samples(cfg, list(data.paths), np.array(data.labels, np.int64), TrainingMaps(cfg, extractor, cache_root),
                       {}, list(data.skipped))
     unscaled = None if suffix is not None else embedder.unscaled()
     sizes = sorted({epoch_size(cfg, e) for e in range(c.epochs)}, reverse=True)

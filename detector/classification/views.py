@@ -30,6 +30,7 @@ from typing import Sequence
 
 import numpy as np
 
+from detector.config import CLASSIFIER_VIEWS
 from detector.core.resize import resize_factor, resized_size
 
 POSITIONS = ("center", "corners5", "grid9")
@@ -84,7 +85,7 @@ class ViewScheme:
     crops: bool = False  # run each view through the trunk on its own (the 10-crop baseline)
 
 
-SCHEMES = ("center", "full", "10", "10crop", "multi")
+SCHEMES = CLASSIFIER_VIEWS  # center, full, 10, 10crop, multi
 
 
 def scheme(name: str, view_scale: int, full_scale: int, multi_scales: Sequence[int]) -> ViewScheme:
@@ -101,6 +102,20 @@ def scheme(name: str, view_scale: int, full_scale: int, multi_scales: Sequence[i
     if name == "multi":
         return ViewScheme(tuple(sorted(multi_scales)), "grid9", True, full_scale, True)
     raise ValueError(f"unknown view scheme {name!r}; choose one of {', '.join(SCHEMES)} or all")
+
+
+def breakdown_schemes(view_scale: int, full_scale: int, multi_scales: Sequence[int]) -> dict[str, ViewScheme]:
+    """The view sets `--views breakdown` reports, by name: `center`, `full` and `10` (the
+    schemes), `scale S` (grid9 with flips at S alone, for each test scale), and `up to S`
+    (those of every scale <= S plus the two full-image views; the last is `multi`)."""
+    out = {name: scheme(name, view_scale, full_scale, multi_scales) for name in ("center", "full", "10")}
+    ordered = sorted(multi_scales)
+    for s in ordered:
+        out[f"scale {s}"] = ViewScheme((s,), "grid9", True)
+    for k, s in enumerate(ordered):
+        name = "multi" if k == len(ordered) - 1 else f"up to {s}"
+        out[name] = ViewScheme(tuple(ordered[:k + 1]), "grid9", True, full_scale, True)
+    return out
 
 
 def plan_views(s: ViewScheme, width: int, height: int, size: int, max_size: int) -> list[ViewGroup]:

@@ -4,8 +4,8 @@ Class names are the class folders' names, sorted (or the list a trained model
 gives, for its test split).  Folders whose names start with '.' are ignored, and
 so are files that are not images by their ending.  Each problem a user can fix
 is a DatasetError naming the folder: a split folder that does not exist, a split
-with no class folders, an empty class folder, a class folder the model does not
-know.  Zero-byte files cannot be images: they are skipped here, with a warning
+with no class folders (or, for training, only one), an empty class folder, a class
+folder the model does not know.  Zero-byte files cannot be images: they are skipped here, with a warning
 naming them, and counted in `skipped`; images that fail to decode are found
 (and skipped and counted the same way) when they are read.
 """
@@ -54,6 +54,9 @@ def load_image_folder(root: str | os.PathLike, split: str = "train",
     split_dir = Path(root) / split
     found = class_folders(split_dir)
     if class_names is None:
+        if len(found) < 2:
+            raise DatasetError(f"{split_dir} has one class folder ({found[0]}): a classifier needs two or more "
+                               f"(expected {split_dir}/<class>/*.jpg, one folder per class)")
         names = found
     else:
         names = list(class_names)

@@ -24,9 +24,10 @@ from typing import Any
 import numpy as np
 
 from detector.datasets.records import Dataset
-from detector.errors import DatasetError  # noqa: F401  (re-exported)
+from detector.errors import DatasetError
 
 logger = logging.getLogger(__name__)
+REEXPORTED = (DatasetError,)  # detector.datasets.validate.DatasetError: voc, coco and synthetic import it from here
 
 
 class DatasetWarning(UserWarning):
