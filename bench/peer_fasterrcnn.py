@@ -36,7 +36,8 @@ error; --restart discards the folder's checkpoint and model.
 
 Ours: each `--model` (e.g. one with selective search and one with learned proposals), loaded with
 `detector.load` and run with `model.detect(image)` on the same decoded test images, its own
-proposals inside (what a new image costs), scored by the same evaluator; or --ours-results DIR:
+proposals inside (what a new image costs), with --ours-set's test-time settings if any, scored by
+the same evaluator; or --ours-results DIR:
 the devkit files of a `tools/test_voc.py` run (mAP only); or --skip-ours.
 
 Time per image: median over the test images, from the decoded RGB image to the detections
@@ -356,6 +357,7 @@ def test_ours_phase(spec: dict, records: list) -> dict:
     from detector.timing import StageTimer
 
     model = detector.load(spec["model"])
+    model.configure_test(spec["ours_set"])
     images = _decode_all(records)
     model.detect(images[0])  # warm-up, untimed
     results, times, props = [], [], []
@@ -526,6 +528,8 @@ def main(argv=None) -> int:
     ours.add_argument("--ours-results", default=None, metavar="DIR",
                       help="take ours' detections from a tools/test_voc.py run (its comp4_det_<split>_<class>.txt "
                            "files; mAP only, ours_s_per_image is then nan)")
+    ap.add_argument("--ours-set", nargs="+", default=[], metavar="test.KEY=VALUE",
+                    help="test-time settings for every one of our models (as tools/test_voc.py --set)")
     ap.add_argument("--results", default=None, metavar="DIR",
                     help="where the test detections go, peer/ and ours/ (devkit files and COCO json, for "
                          "tools/analyze_errors.py; default: --out/results_<split>)")
@@ -551,7 +555,8 @@ def main(argv=None) -> int:
         import detector
 
         for path in args.model:
-            m = detector.load(path)  # fail now, not after the training: missing file, classes
+            m = detector.load(path)  # fail now, not after the training: missing file, classes, --ours-set
+            m.configure_test(args.ours_set)
             if list(m.class_names) != list(class_names):
                 raise InputError(f"{path} was trained for classes {m.class_names}, the dataset has {class_names}")
             learned = m.learned_proposals
@@ -561,7 +566,8 @@ def main(argv=None) -> int:
             name = name if name not in [o[1] for o in ours_models] else f"{name}{len(ours_models)}"
             ours_models.append((path, name, f"ours: SPP-net, {'learned proposals' if learned else 'selective search'}",
                                 f"{path}: backbone {m.backbone.name}, scales {m.cfg.features.scales}, {props}, "
-                                f"max {m.cfg.test.max_per_image} detections per image"))
+                                f"max {m.cfg.test.max_per_image} detections per image"
+                                + (f", --ours-set {' '.join(args.ours_set)}" if args.ours_set else "")))
             del m
         ours_desc = "\n          ".join(o[3] for o in ours_models)
     per_epoch = math.ceil(len(train_recs) / args.batch)
@@ -576,7 +582,7 @@ def main(argv=None) -> int:
             "detections_per_img": args.detections, "out": str(out), "batch": args.batch, "lr": lr,
             "iterations": iterations, "minutes": None if iterations else args.minutes,
             "checkpoint_every": args.checkpoint_every, "threads": args.threads, "progress": not args.no_progress,
-            "model": None, "parent_pid": os.getpid()}
+            "model": None, "ours_set": list(args.ours_set), "parent_pid": os.getpid()}
     spec["signature"] = {
         "dataset": str(Path(args.dataset).resolve()), "train_split": args.train_split,
         "train_data": split_digest(train_recs), "classes": class_names, "anchors": anchors,

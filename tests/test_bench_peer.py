@@ -1,11 +1,13 @@
 """bench/peer_fasterrcnn.py end to end on a tiny generated dataset: a 2-iteration training and
 test print the four result lines (ours skipped: nan), and a dataset without objects is one
 `error:` line with exit code 2."""
+import json
 import math
 import re
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -83,7 +85,8 @@ def test_our_models_get_a_row_each_in_the_same_run(smoke_run, rpn_run, tmp_path)
     _, data, ss_model = smoke_run
     _, _, rpn_model = rpn_run
     out = tmp_path / "out"
-    p = run("--dataset", data, "--iterations", 2, "--min-size", 160, "--out", out, "--model", ss_model, rpn_model)
+    p = run("--dataset", data, "--iterations", 2, "--min-size", 160, "--out", out, "--model", ss_model, rpn_model,
+            "--ours-set", "test.max_per_image=2")
     assert p.returncode == 0, p.stderr
     assert "ours: SPP-net, selective search" in p.stdout and "ours: SPP-net, learned proposals" in p.stdout
     values = dict(re.fullmatch(r"(\w+) = (\S+)", ln).groups() for ln in p.stdout.strip().splitlines()[-6:])
@@ -91,4 +94,6 @@ def test_our_models_get_a_row_each_in_the_same_run(smoke_run, rpn_run, tmp_path)
                            "ours_rpn_s_per_image"}
     assert all(math.isfinite(float(v)) for v in values.values())
     for name in ("ours_ss", "ours_rpn"):
-        assert (out / "results_test" / name / "coco_results_test.json").is_file()
+        dets = json.loads((out / "results_test" / name / "coco_results_test.json").read_text())
+        # --ours-set reached both models: at most 2 detections per image
+        assert dets and max(Counter(d["image_id"] for d in dets).values()) <= 2
