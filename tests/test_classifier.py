@@ -460,7 +460,7 @@ def test_train_tool_starts_from_the_classification_defaults(tmp_path, monkeypatc
     assert train_classifier.main(["--dataset", str(data), "--out", str(tmp_path / "r")]) == 0
     out = capsys.readouterr().out
     cfg = seen[-1]
-    assert (cfg.backbone.cut, cfg.classifier.input, cfg.classifier.test_views) == ("stride32", "scales", "multi")
+    assert (cfg.backbone.cut, cfg.classifier.input, cfg.classifier.test_views) == ("stride32", "scales", "center")
     assert "config: the classification defaults, detector/classification/defaults.py" in out.splitlines()[0]
     assert train_classifier.main(["--dataset", str(data), "--out", str(tmp_path / "r"), "--config", str(SMOKE),
                                   "--set", "classifier.epochs=2"]) == 0
@@ -501,7 +501,7 @@ def test_scales_training_draws_views_of_every_test_scale_and_the_full_image(scal
 
     clf = detector.load_classifier(path)
     c = clf.cfg.classifier
-    assert c.input == "scales" and clf.cfg.backbone.cut == "stride32" and c.test_views == "multi"
+    assert c.input == "scales" and clf.cfg.backbone.cut == "stride32" and c.test_views == "center"
     summary = json.loads((tmp / "run" / "train_summary.json").read_text())
     assert [e["size"] for e in summary["epochs"]] == ["scales", "scales"]
     counts = []
@@ -602,17 +602,24 @@ def test_test_tool_breakdown_and_the_models_own_scheme(scales_trained, tmp_path,
                                               "--quiet", "--out", tmp_path / "res"], capsys)
     assert rc == 0 and not errors
     res = json.loads((tmp_path / "res" / "results.json").read_text())
-    multi = next(r for r in res if r["scheme"] == "multi" and r["average"] == "softmax")
-    assert out.strip().splitlines()[-2] == f"top1_err = {multi['top1_err']:.4f}"  # the model's own: multi
+    center = next(r for r in res if r["scheme"] == "center" and r["average"] == "softmax")
+    assert out.strip().splitlines()[-2] == f"top1_err = {center['top1_err']:.4f}"  # the model's own: center
     for r in res:
         if r["average"] == "logits":
             row = next(line for line in out.splitlines() if line.startswith(r["scheme"] + " "))
             assert row.split()[-3] == f"{r['top1_err']:.4f}"
     rc, out, errors = run("test_classifier", ["--model", path, "--dataset", data, "--quiet", "--average", "logits"],
                           capsys)
-    assert rc == 0 and "views: multi (the model's classifier.test_views); averaging the views' logits" in out
-    logits = next(r for r in res if r["scheme"] == "multi" and r["average"] == "logits")
+    assert rc == 0 and "views: center (the model's classifier.test_views); averaging the views' logits" in out
+    from detector.classification.defaults import CENTER_NOTE
+    assert out.count(CENTER_NOTE) == 1  # the default scheme is a single view, and the tool says why
+    logits = next(r for r in res if r["scheme"] == "center" and r["average"] == "logits")
     assert out.strip().splitlines()[-2] == f"top1_err = {logits['top1_err']:.4f}"
+    rc, out, errors = run("test_classifier", ["--model", path, "--dataset", data, "--quiet", "--views", "multi"],
+                          capsys)
+    assert rc == 0 and CENTER_NOTE not in out
+    multi = next(r for r in res if r["scheme"] == "multi" and r["average"] == "softmax")
+    assert out.strip().splitlines()[-2] == f"top1_err = {multi['top1_err']:.4f}"
 
 
 @pytest.mark.parametrize("case", ["one class", "no readable image"])
@@ -652,3 +659,15 @@ def test_grayscale_and_16_bit_images_classify_like_their_rgb(trained, tmp_path):
     want = clf.classify(np.repeat(grey[:, :, None], 3, 2), views="10")["scores"]
     for p in split.paths:
         np.testing.assert_allclose(clf.classify(p, views="10")["scores"], want, atol=1e-6)
+
+
+def test_concat_releasing_equals_torch_cat_and_empties_the_list():
+    from detector.classification.training import concat_releasing
+
+    g = torch.Generator().manual_seed(0)
+    rows = [torch.randn(n, 5, generator=g).half() for n in (3, 1, 7, 2)]
+    expected = torch.cat(rows)
+    got = concat_releasing(list_ := list(rows))
+    assert torch.equal(got, expected) and got.dtype == torch.float16
+    assert list_ == []  # each image's rows are released as they are copied
+    assert concat_releasing([]).numel() == 0
