@@ -366,6 +366,7 @@ def test_iterative_box_regression_regresses_the_regressed_boxes_again(trained):
     _, data, model_path = trained
     model = detector.load(model_path)
     model.cfg.test.second_nms = False  # so both runs keep the same detections
+    model.cfg.test.bbox_iterations = 1
     img = load_image(sorted((data / "JPEGImages").glob("*.jpg"))[1])
     props = model.proposals(img)
     once = model.detect(img, proposals=props, score_thresh=-10.0)
