@@ -146,7 +146,7 @@ class TestConfig:
     nms_after_regression: bool = False  # true: regress every candidate first, NMS on the refined boxes (Fast R-CNN)
     soft_nms_sigma: float = 0.0  # > 0: Gaussian soft-NMS with this sigma instead of removing overlapping boxes
     # > 1: pool each kept box again where regression moved it and regress it again.  2 by default: +0.8 to
-    # +1.7 points VOC07 on BCCD and DeepPCB, learned and selective-search proposals alike (BENCHMARKS.md,
+    # +1.8 points VOC07 on BCCD and DeepPCB, learned and selective-search proposals alike (BENCHMARKS.md,
     # "Learned proposals and the levers"); the paper regresses once (configs/zf5_paper.yaml keeps 1).
     bbox_iterations: int = 2
 

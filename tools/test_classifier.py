@@ -74,7 +74,7 @@ def main(argv=None) -> int:
     skipped = data.skipped + results[0]["skipped"]
     print(f"{args.dataset}/{args.split}: {len(results[0]['labels'])} images, {len(clf.class_names)} classes"
           + (f"; skipped {len(skipped)} unreadable: " + ", ".join(p for p, _ in skipped[:5]) if skipped else ""))
-    if not args.views and views == "center" and views == CLASSIFICATION_DEFAULTS["classifier.test_views"]:
+    if not args.views and views == CLASSIFICATION_DEFAULTS["classifier.test_views"] == "center":
         print(CENTER_NOTE)
     print(f"views: {views}" + ("" if args.views else " (the model's classifier.test_views)")
           + f"; averaging the views' {average}" + ("" if args.average else " (the model's classifier.average)"))
