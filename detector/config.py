@@ -129,9 +129,13 @@ class SVMConfig:
 @dataclass
 class BBoxConfig:
     enabled: bool = True
-    iou_thresh: float = 0.5
-    lam: float = 4000.0
-    whiten: bool = True
+    # ridge: R-CNN's per-class ridge regression on pool5, after the SVMs (the paper's) | finetune: Fast
+    # R-CNN's class-specific box layer on fc7, trained with the fc layers (smooth L1; no stage of its own)
+    method: str = "ridge"
+    iou_thresh: float = 0.5  # ridge: windows at least this close to a ground-truth box are its examples
+    lam: float = 4000.0  # ridge: the regularisation
+    whiten: bool = True  # ridge: whiten the targets
+    loss_weight: float = 1.0  # finetune: the box loss's weight beside the softmax's
 
 
 @dataclass
@@ -407,6 +411,10 @@ def validate(cfg: Config) -> None:
            "svm: C, target_norm, norm_images, norm_boxes and max_iter must be positive")
     _check(0 < bb.iou_thresh < 1 and bb.lam > 0, f"bbox: need 0 < iou_thresh < 1 and lam > 0, "
                                                  f"got {bb.iou_thresh} and {bb.lam}")
+    _check(bb.method in ("ridge", "finetune"), f"bbox.method must be ridge or finetune, got {bb.method!r}")
+    _check(bb.method == "ridge" or not bb.enabled or ft.enabled,
+           "bbox.method=finetune trains the box layer with the fc layers: it needs finetune.enabled=true")
+    _check(bb.loss_weight > 0, f"bbox.loss_weight must be > 0, got {bb.loss_weight}")
     _check(0 < t.nms_iou <= 1, f"test.nms_iou must be in (0, 1], got {t.nms_iou}")
     thr = t.score_thresh
     values = thr if isinstance(thr, list) else list(thr.values()) if isinstance(thr, dict) else [thr]

@@ -42,15 +42,17 @@ class FCHead(nn.Module):
             out[f"{prefix}{name}.bias"] = ((o,), torch.float32)
         return out
 
-    def forward(self, x: torch.Tensor, masks: tuple | None = None) -> torch.Tensor:
-        """Logits [N, K+1].  `masks` (fc6's and fc7's, already scaled by 1/(1-p)) replace the
-        dropout layer's own random draws: fine-tuning draws them for the whole batch from a
-        seeded generator, so one process or several (each with a slice) drop the same units."""
+    def forward(self, x: torch.Tensor, masks: tuple | None = None, with_fc7: bool = False):
+        """Logits [N, K+1] (and, with `with_fc7`, the fc7 features fc8 read, after ReLU and
+        dropout: what a box layer trained beside fc8 reads).  `masks` (fc6's and fc7's, already
+        scaled by 1/(1-p)) replace the dropout layer's own random draws: fine-tuning draws them
+        for the whole batch from a seeded generator, so one process or several (each with a
+        slice) drop the same units."""
         if masks is None:
-            x = self.drop(torch.relu(self.fc6(x)))
-            return self.fc8(self.drop(torch.relu(self.fc7(x))))
-        x = torch.relu(self.fc6(x)) * masks[0]
-        return self.fc8(torch.relu(self.fc7(x)) * masks[1])
+            h = self.drop(torch.relu(self.fc7(self.drop(torch.relu(self.fc6(x))))))
+        else:
+            h = torch.relu(self.fc7(torch.relu(self.fc6(x)) * masks[0])) * masks[1]
+        return (self.fc8(h), h) if with_fc7 else self.fc8(h)
 
     def dropout_masks(self, n: int, generator: torch.Generator) -> tuple:
         """Inverted-dropout masks for a batch of n rows (all ones when dropout is 0)."""

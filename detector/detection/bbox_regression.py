@@ -1,4 +1,5 @@
-"""Bounding-box regression (paper section 4.1, following R-CNN's `rcnn_train_bbox_regressor.m`).
+"""Bounding-box regression (paper section 4.1, following R-CNN's `rcnn_train_bbox_regressor.m`),
+and Fast R-CNN's box layer as an option (`bbox.method: finetune`, see `box_layer`).
 
 Targets use our continuous box convention (w = x2 - x1, cx = x1 + w/2):
 tx = (gcx - cx)/w, ty = (gcy - cy)/h, tw = log(gw/w), th = log(gh/h).
@@ -29,6 +30,9 @@ from detector.progress import progress_bar
 
 # torchvision's bbox_xform_clip: never scale a box up by more than 1000/16 in decode.
 BBOX_XFORM_CLIP = math.log(1000.0 / 16)
+# Fast R-CNN's BBOX_NORMALIZE_STDS: the box layer learns targets divided by these, so the four
+# outputs have comparable ranges and one smooth-L1 loss suits them all.
+BOX_LAYER_STDS = (0.1, 0.1, 0.2, 0.2)
 WHITEN_EPS = 0.001  # added to the covariance eigenvalues, as in R-CNN
 
 
@@ -186,6 +190,22 @@ class BoxRegressor:
                 "T_inv": ((K, 4, 4), f64), "trained": ((K,), torch.bool)}
 
     @classmethod
+    def from_box_layer(cls, weight: np.ndarray, bias: np.ndarray,
+                       stds: Sequence[float] = BOX_LAYER_STDS) -> "BoxRegressor":
+        """The regressors of a fine-tuned box layer (`box_layer`: weight [4K, D], bias [4K], rows
+        4k..4k+3 class k's tx, ty, tw, th in units of `stds`): the same linear map, written as
+        [K, D+1, 4] weights with T_inv = diag(stds) undoing the normalisation, mu = 0."""
+        weight, bias = np.asarray(weight, np.float32), np.asarray(bias, np.float32)
+        if weight.ndim != 2 or weight.shape[0] % 4 or bias.shape != (weight.shape[0],):
+            raise ValueError(f"BoxRegressor.from_box_layer: expected weight [4K, D] and bias [4K], got "
+                             f"{weight.shape} and {bias.shape}")
+        k, d = weight.shape[0] // 4, weight.shape[1]
+        w = np.concatenate([weight.reshape(k, 4, d).transpose(0, 2, 1), bias.reshape(k, 1, 4)], axis=1)
+        std = np.asarray(stds, np.float64)
+        return cls(w, np.zeros((k, 4)), np.tile(np.diag(1.0 / std), (k, 1, 1)), np.tile(np.diag(std), (k, 1, 1)),
+                   np.ones(k, bool))
+
+    @classmethod
     def from_arrays(cls, arrays: Mapping[str, np.ndarray], prefix: str = "bbox_") -> "BoxRegressor":
         missing = [n for n in ("weights", "mu", "T", "T_inv", "trained") if f"{prefix}{n}" not in arrays]
         if missing:
@@ -307,3 +327,18 @@ def train_box_regressors(
         trained[k] = True
     bar.close()
     return BoxRegressor(weights, mu, T, T_inv, trained)
+
+
+def box_layer(in_dim: int, num_classes: int) -> torch.nn.Linear:
+    """Fast R-CNN's class-specific box layer: fc7 -> 4 deltas per class (in units of
+    BOX_LAYER_STDS), initialised N(0, 0.001) as in Fast R-CNN's bbox_pred; trained with the fc
+    layers (detection.train.finetune) and stored as a `BoxRegressor` (`from_box_layer`)."""
+    layer = torch.nn.Linear(int(in_dim), 4 * int(num_classes))
+    torch.nn.init.normal_(layer.weight, 0.0, 0.001)
+    torch.nn.init.zeros_(layer.bias)
+    return layer
+
+
+def box_layer_targets(boxes: np.ndarray, gt_boxes: np.ndarray) -> np.ndarray:
+    """The box layer's targets [N, 4] float32: `encode` divided by BOX_LAYER_STDS."""
+    return (encode(boxes, gt_boxes) / np.asarray(BOX_LAYER_STDS)).astype(np.float32)

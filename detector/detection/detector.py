@@ -71,6 +71,16 @@ class SPPDetector:
             raise ModelFormatError(f"proposals.method is {cfg.proposals.method} but the model "
                                    f"{'has no' if rpn is None else 'has a'} learned proposal head")
         self.rpn = None if rpn is None else rpn.to(self.extractor.device)
+        # what the box regressors read: pool5 (ridge, the paper's) or fc7 (the fine-tuned box layer)
+        self.regression_layer = regression_layer(cfg)
+        reg = predictor.regressor
+        if reg is not None:
+            want = embedder.pool5_dim if self.regression_layer == "pool5" else cfg.finetune.fc_dims[1]
+            if self.regression_layer == "fc7" and embedder.head is None:
+                raise ModelFormatError("bbox.method is finetune but the model has no fine-tuned fc layers")
+            if reg.feature_dim != want:
+                raise ModelFormatError(f"box regressors read {reg.feature_dim} features; the model's "
+                                       f"{self.regression_layer} has {want}")
         self.use_device_path(self.extractor.device.type != "cpu")
 
     def use_device_path(self, on: bool = True) -> None:
@@ -167,7 +177,7 @@ class SPPDetector:
             if deltas is None:  # the host path: only the kept windows, in float64
                 p5 = pool5[torch.from_numpy(rows)] if pool5 is not None else \
                     self.embedder.pool5_windows(maps, windows[rows])
-                deltas = self.predictor.deltas(p5.double(), sel.labels)
+                deltas = self.predictor.deltas(self._regression_input(p5).double(), sel.labels)
             else:
                 deltas = deltas[rows, sel.labels]
             kept = self.predictor.refine(kept, deltas, sel.labels)
@@ -193,8 +203,19 @@ class SPPDetector:
             if not ok.any():
                 break
             p5 = self.embedder.pool5(maps, boxes[ok], name="regressed boxes")
-            boxes[ok] = self.predictor.refine(boxes[ok], self.predictor.deltas(p5.double(), labels[ok]), labels[ok])
+            d = self.predictor.deltas(self._regression_input(p5).double(), labels[ok])
+            boxes[ok] = self.predictor.refine(boxes[ok], d, labels[ok])
         return boxes
+
+    def _regression_input(self, pool5: torch.Tensor, embedded: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """What the box regressors read of these windows: pool5 itself, or fc7 after ReLU (taken
+        back from the SVMs' `embedded` features when those are fc7, else computed)."""
+        if self.regression_layer == "pool5":
+            return pool5
+        emb = self.embedder
+        if embedded is not None and emb.layer == "fc7":
+            return embedded / emb.feature_scale
+        return emb.head.embed(pool5, "fc7")
 
     @staticmethod
     def _no_proposals(image) -> dict:
@@ -221,6 +242,7 @@ class SPPDetector:
         for s in range(0, len(windows), WINDOW_CHUNK):
             p5 = emb.pool5_windows(maps, windows[s:s + WINDOW_CHUNK])
             timer.lap("spp")
+            x = None
             if scorer == "softmax":
                 sc = emb.class_probabilities(p5)[:, 1:]
             else:
@@ -228,7 +250,8 @@ class SPPDetector:
                 timer.lap("fc")
                 sc = self.predictor.scores(x)
             if all_deltas:
-                d = self.predictor.deltas(p5).flatten(1) if self.predictor.regressor is not None else sc[:, :0]
+                d = self.predictor.deltas(self._regression_input(p5, x)).flatten(1) \
+                    if self.predictor.regressor is not None else sc[:, :0]
                 both = torch.cat([sc, d], 1).cpu().numpy()  # the one device -> host copy
                 scores.append(both[:, : sc.shape[1]])
                 deltas.append(both[:, sc.shape[1]:].reshape(len(sc), -1, 4))
@@ -264,7 +287,8 @@ class SPPDetector:
         if cfg.finetune.enabled:
             expected.update(FCHead.expected_state(pool5_dim, cfg.finetune.fc_dims, K, "head."))
         D = layer_dim(cfg.svm.layer if cfg.finetune.enabled else "pool5", pool5_dim, cfg.finetune.fc_dims)
-        expected.update(WindowPredictor.expected_tensors(D, K, pool5_dim, any(k.startswith("bbox_") for k in tensors),
+        reg_dim = layer_dim(regression_layer(cfg), pool5_dim, cfg.finetune.fc_dims)
+        expected.update(WindowPredictor.expected_tensors(D, K, reg_dim, any(k.startswith("bbox_") for k in tensors),
                                                          "svm_calibration" in tensors))
         expected.update({"pool5_scale": ((1,), torch.float64), "svm_scale": ((1,), torch.float64)})
         rpn_header = None
@@ -298,6 +322,12 @@ class SPPDetector:
         except ModelFormatError as e:
             raise ModelFormatError(f"{path}: {e}") from None
         return cls(cfg, names, embedder, predictor, rpn, device)
+
+
+def regression_layer(cfg: Config) -> str:
+    """The features a model's box regressors read: fc7 for the fine-tuned box layer
+    (bbox.method: finetune), else pool5."""
+    return "fc7" if cfg.bbox.method == "finetune" and cfg.finetune.enabled else "pool5"
 
 
 def load(path: Union[str, Path], device: str = "auto") -> SPPDetector:

@@ -3,9 +3,10 @@
 
 `WindowPredictor` holds the SVM weights [D, K] and biases [K] and the `BoxRegressor`; it
 scores embedded windows (`WindowEmbedder.embed`: fc7 after ReLU, norm-scaled) and gives
-deltas of pool5 rows, on whatever device the rows are (torch throughout, so the host and the
-device path compute the same thing).  Its tensors go into the model file under `svm_*` and
-`bbox_*`.
+deltas of the rows its regressors read (pool5 for the paper's ridge regressors, fc7 for
+a fine-tuned box layer: `SPPDetector.regression_layer`), on whatever device the rows are
+(torch throughout, so the host and the device path compute the same thing).  Its tensors go
+into the model file under `svm_*` and `bbox_*`.
 """
 from __future__ import annotations
 
@@ -60,10 +61,10 @@ class WindowPredictor:
         a, b = self.calibration[:, 0], self.calibration[:, 1]
         return (margins * a + b).astype(np.float32), np.asarray(thresholds, np.float64) * a + b
 
-    def deltas(self, pool5: torch.Tensor, labels: Optional[np.ndarray] = None) -> torch.Tensor:
-        """Box-regression deltas of pool5 rows: [N, K, 4] for every class, or [N, 4] for each
-        row's class in `labels` (see BoxRegressor.deltas)."""
-        return self.regressor.deltas(pool5, labels)
+    def deltas(self, features: torch.Tensor, labels: Optional[np.ndarray] = None) -> torch.Tensor:
+        """Box-regression deltas of feature rows (pool5 or fc7, whichever the regressors read):
+        [N, K, 4] for every class, or [N, 4] for each row's class in `labels` (see BoxRegressor.deltas)."""
+        return self.regressor.deltas(features, labels)
 
     def refine(self, boxes: np.ndarray, deltas, labels: np.ndarray) -> np.ndarray:
         """Boxes moved by their own class's deltas (untrained classes leave boxes as they are)."""
@@ -79,14 +80,14 @@ class WindowPredictor:
         return out
 
     @staticmethod
-    def expected_tensors(feature_dim: int, num_classes: int, pool5_dim: int, regression: bool,
+    def expected_tensors(feature_dim: int, num_classes: int, regression_dim: int, regression: bool,
                          calibration: bool = False) -> dict:
         """(shape, dtype) of each tensor `tensors()` writes, without building anything."""
         out = {"svm_W": ((feature_dim, num_classes), torch.float32), "svm_b": ((num_classes,), torch.float32)}
         if calibration:
             out["svm_calibration"] = ((num_classes, 2), torch.float64)
         if regression:
-            out.update({f"bbox_{k}": v for k, v in BoxRegressor.expected_arrays(num_classes, pool5_dim).items()})
+            out.update({f"bbox_{k}": v for k, v in BoxRegressor.expected_arrays(num_classes, regression_dim).items()})
         return out
 
     @classmethod

@@ -11,7 +11,13 @@ Augmentation:
   map: conv features are not mirror-symmetric), with its box mirrored;
 - scale: in multi-scale mode each window is pooled at a random scale.
 
-Checkpoints (head, optimiser, iteration and RNG states) are written atomically
+With a box layer (`bbox.method: finetune`, Fast R-CNN's multi-task loss) the foreground
+windows also learn their matched box: smooth L1 (beta 1) on their own class's four deltas,
+normalised by BOX_LAYER_STDS, summed and divided by the batch size, times `bbox.loss_weight`.
+A mirrored window's target is its unmirrored one with tx negated.  Without one, every draw
+and step is what it was before the option existed.
+
+Checkpoints (head, box layer, optimiser, iteration and RNG states) are written atomically
 every `checkpoint_every` iterations; a rerun resumes from the last one.
 """
 from __future__ import annotations
@@ -24,11 +30,13 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 from detector.progress import progress_bar
 
 from detector.cache import load_checkpoint, save_checkpoint
 from detector.config import ConfigError, FinetuneConfig
 from detector.core.boxes import mirror_boxes
+from detector.detection.bbox_regression import box_layer_targets
 from detector.core.embedder import StackedMaps, WindowEmbedder
 from detector.distributed import world
 from detector.errors import DatasetError
@@ -119,17 +127,28 @@ def pool5_sample(images: Sequence[TrainImage], get_features: FeatureGetter, samp
     return lambda embedder: pool_pairs(embedder, images, pick, np.zeros(len(pick), bool), None, get_features)
 
 
-def _save_checkpoint(path: Path, head: FCHead, opt: torch.optim.Optimizer, it: int, rng: np.random.Generator) -> None:
+def _save_checkpoint(path: Path, head: FCHead, box: Optional[nn.Linear], opt: torch.optim.Optimizer, it: int,
+                     rng: np.random.Generator) -> None:
     if world().main:  # every rank holds the same state; one file
-        save_checkpoint(path, {"iteration": it, "head": head.state_dict(), "optimizer": opt.state_dict(),
-                               "rng": rng.bit_generator.state})
+        state = {"iteration": it, "head": head.state_dict(), "optimizer": opt.state_dict(),
+                 "rng": rng.bit_generator.state}
+        if box is not None:
+            state["box"] = box.state_dict()
+        save_checkpoint(path, state)
 
 
-def _resume(checkpoint: Optional[Path], head: FCHead, opt: torch.optim.Optimizer, rng: np.random.Generator) -> int:
+def _resume(checkpoint: Optional[Path], head: FCHead, box: Optional[nn.Linear], opt: torch.optim.Optimizer,
+            rng: np.random.Generator) -> int:
     state = None if checkpoint is None else load_checkpoint(checkpoint)
     if state is None:
         return 0
+    if (box is not None) != ("box" in state):
+        log.warning("fine-tuning: %s was written %s a box layer; starting again", checkpoint,
+                    "without" if box is not None else "with")
+        return 0
     head.load_state_dict(state["head"])
+    if box is not None:
+        box.load_state_dict(state["box"])
     opt.load_state_dict(state["optimizer"])
     rng.bit_generator.state = state["rng"]
     log.info("fine-tuning: resuming from iteration %d (%s)", int(state["iteration"]), checkpoint)
@@ -142,6 +161,7 @@ class WindowPools:
     fg: np.ndarray  # [F, 2]
     bg: np.ndarray  # [B, 2]
     fg_labels: np.ndarray  # [F] 1 + class
+    fg_targets: Optional[np.ndarray] = None  # [F, 4] the box layer's targets (box_layer_targets), if one trains
 
 
 @dataclass
@@ -151,9 +171,20 @@ class Batch:
     labels: np.ndarray
     flips: np.ndarray
     scales: Optional[np.ndarray]
+    targets: Optional[np.ndarray] = None  # [batch, 4] the box layer's targets (rows of background: unused)
 
 
-def window_pools(images: Sequence[TrainImage], fc: FinetuneConfig) -> WindowPools:
+def fg_box_targets(images: Sequence[TrainImage], pairs: np.ndarray) -> np.ndarray:
+    """The box layer's targets of foreground (image, row) pairs: each window onto its matched box."""
+    out = np.zeros((len(pairs), 4), np.float32)
+    for i in np.unique(pairs[:, 0]):
+        sel = np.flatnonzero(pairs[:, 0] == i)
+        w = images[i].windows
+        out[sel] = box_layer_targets(w.boxes[pairs[sel, 1]], w.matched_boxes(pairs[sel, 1]))
+    return out
+
+
+def window_pools(images: Sequence[TrainImage], fc: FinetuneConfig, box_targets: bool = False) -> WindowPools:
     """Foreground (IoU >= fg_iou, GT boxes included) and background (IoU in [bg_iou_lo, fg_iou),
     proposals only) windows of every image; with no window in the background range, every
     proposal below fg_iou, with a warning."""
@@ -167,7 +198,8 @@ def window_pools(images: Sequence[TrainImage], fc: FinetuneConfig) -> WindowPool
         fg, bg = sample_pools(images, fc.fg_iou, 0.0)
         if len(bg) == 0:
             raise DatasetError("fine-tuning: no background windows at all; are the proposals missing?")
-    return WindowPools(fg, bg, window_labels(images, fg, fc.fg_iou))
+    targets = fg_box_targets(images, fg) if box_targets else None
+    return WindowPools(fg, bg, window_labels(images, fg, fc.fg_iou), targets)
 
 
 def draw_batch(rng: np.random.Generator, pools: WindowPools, fc: FinetuneConfig, n_scales: int) -> Batch:
@@ -183,11 +215,40 @@ def draw_batch(rng: np.random.Generator, pools: WindowPools, fc: FinetuneConfig,
     labels = np.concatenate([pools.fg_labels[fi], np.zeros(n_bg, np.int64)])
     flips = rng.random(fc.batch_size) < 0.5 if fc.flip else np.zeros(fc.batch_size, bool)
     scales = rng.integers(0, n_scales, fc.batch_size) if n_scales > 1 else None
-    return Batch(pairs, labels, flips, scales)
+    targets = None
+    if pools.fg_targets is not None:
+        targets = np.zeros((fc.batch_size, 4), np.float32)
+        targets[:n_fg] = pools.fg_targets[fi]
+        targets[:n_fg, 0] *= np.where(flips[:n_fg], -1.0, 1.0)  # the mirrored window's centre moves the other way
+    return Batch(pairs, labels, flips, scales, targets)
+
+
+def box_loss(deltas: torch.Tensor, labels: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Summed smooth L1 (beta 1, Fast R-CNN's) of the foreground rows' own-class deltas.
+    deltas [N, 4K] (K classes, no background), labels [N] (0: background, 1 + class), targets [N, 4]."""
+    fg = torch.nonzero(labels > 0).flatten()
+    if not len(fg):
+        return deltas.sum() * 0.0
+    k = labels[fg] - 1
+    cols = (4 * k)[:, None] + torch.arange(4, device=deltas.device)
+    return F.smooth_l1_loss(deltas[fg[:, None], cols], targets[fg], beta=1.0, reduction="sum")
+
+
+class _WithBox(nn.Module):
+    """The fc layers and the box layer as one module (for DistributedDataParallel and SGD)."""
+
+    def __init__(self, head: FCHead, box: nn.Linear):
+        super().__init__()
+        self.head, self.box = head, box
+
+    def forward(self, x: torch.Tensor, masks: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+        logits, fc7 = self.head(x, masks, with_fc7=True)
+        return logits, self.box(fc7)
 
 
 def finetune(head: FCHead, images: Sequence[TrainImage], pool: PairPooler, fc: FinetuneConfig, n_scales: int,
-             seed: int = 0, checkpoint: Optional[Path] = None, progress: bool = True) -> dict:
+             seed: int = 0, checkpoint: Optional[Path] = None, progress: bool = True,
+             box: Optional[nn.Linear] = None, box_weight: float = 1.0) -> dict:
     """Train `head` in place on the training windows; returns a summary (iterations, final
     loss and accuracy).  `pool(pairs, flips, scale_index)` gives the scaled pool5 of (image,
     row) pairs: SPP from cached maps in training (`pool_pairs`); a benchmark may pass another
@@ -197,23 +258,27 @@ def finetune(head: FCHead, images: Sequence[TrainImage], pool: PairPooler, fc: F
     global batch (windows, flips, scales and dropout masks come from generators seeded alike)
     and pools and forwards only its slice; its loss is its slice's summed cross-entropy times
     world size / batch size, so DDP's average over the ranks is the mean over the whole batch:
-    one process or several take the same steps, up to floating-point order."""
+    one process or several take the same steps, up to floating-point order.
+
+    box: a box layer on fc7 (`bbox_regression.box_layer`) trained beside fc8 with the smooth-L1
+    loss times `box_weight` (see the module docstring); None: the softmax loss alone."""
     w = world()
     if w.size > fc.batch_size:
         raise ConfigError(f"finetune.batch_size ({fc.batch_size}) is smaller than the number of processes ({w.size})")
-    pools = window_pools(images, fc)
-    model = head
+    pools = window_pools(images, fc, box_targets=box is not None)
+    model = head if box is None else _WithBox(head, box)
+    params = list(model.parameters())
     if w.distributed:
         from torch.nn.parallel import DistributedDataParallel
 
-        model = DistributedDataParallel(head)
-    opt = torch.optim.SGD(head.parameters(), lr=fc.lr, momentum=fc.momentum, weight_decay=fc.weight_decay)
+        model = DistributedDataParallel(model)
+    opt = torch.optim.SGD(params, lr=fc.lr, momentum=fc.momentum, weight_decay=fc.weight_decay)
     rng = np.random.default_rng(seed)
-    start = _resume(checkpoint, head, opt, rng)
+    start = _resume(checkpoint, head, box, opt, rng)
     mine = np.array_split(np.arange(fc.batch_size), w.size)[w.rank]  # this rank's batch rows
     device = next(head.parameters()).device
-    head.train()
-    losses, accs = [], []
+    model.train()
+    losses, accs, box_losses = [], [], []
     bar = progress_bar(range(start, fc.iterations), desc="fine-tune fc", unit="it",
                        disable=not progress or not w.main, initial=start, total=fc.iterations)
     for it in bar:
@@ -224,21 +289,34 @@ def finetune(head: FCHead, images: Sequence[TrainImage], pool: PairPooler, fc: F
         labels = torch.from_numpy(b.labels[mine]).to(device)
         masks = head.dropout_masks(fc.batch_size, torch.Generator().manual_seed(seed * 1_000_003 + it))
         v = pool(b.pairs[mine], b.flips[mine], None if b.scales is None else b.scales[mine])
-        logits = model(v, tuple(m[torch.from_numpy(mine)].to(device) for m in masks))
+        out = model(v, tuple(m[torch.from_numpy(mine)].to(device) for m in masks))
+        logits = out if box is None else out[0]
         ce = F.cross_entropy(logits, labels, reduction="sum")
+        loss = ce
+        if box is not None:
+            bl = box_loss(out[1], labels, torch.from_numpy(b.targets[mine]).to(device))
+            loss = ce + box_weight * bl
+            box_losses.append(bl.item() / max(len(mine), 1))
         opt.zero_grad()
-        (ce * (w.size / fc.batch_size)).backward()
+        (loss * (w.size / fc.batch_size)).backward()
         opt.step()
         losses.append(ce.item() / max(len(mine), 1))
         accs.append(float((logits.argmax(1) == labels).float().mean()) if len(mine) else 0.0)
         if progress and (it % 20 == 0 or it == fc.iterations - 1):
-            bar.set_postfix(loss=f"{np.mean(losses[-50:]):.3f}", acc=f"{np.mean(accs[-50:]):.3f}", lr=f"{lr:g}")
+            extra = {"box": f"{np.mean(box_losses[-50:]):.3f}"} if box_losses else {}
+            bar.set_postfix(loss=f"{np.mean(losses[-50:]):.3f}", acc=f"{np.mean(accs[-50:]):.3f}", **extra,
+                            lr=f"{lr:g}")
         if checkpoint is not None and (it + 1) % fc.checkpoint_every == 0:
-            _save_checkpoint(Path(checkpoint), head, opt, it + 1, rng)
+            _save_checkpoint(Path(checkpoint), head, box, opt, it + 1, rng)
     if checkpoint is not None:
-        _save_checkpoint(Path(checkpoint), head, opt, fc.iterations, rng)
+        _save_checkpoint(Path(checkpoint), head, box, opt, fc.iterations, rng)
     head.eval()
-    return {"iterations": fc.iterations, "foreground_windows": int(len(pools.fg)),
-            "background_windows": int(len(pools.bg)),
-            "final_loss": float(np.mean(losses[-50:])) if losses else None,
-            "final_accuracy": float(np.mean(accs[-50:])) if accs else None}
+    if box is not None:
+        box.eval()
+    out = {"iterations": fc.iterations, "foreground_windows": int(len(pools.fg)),
+           "background_windows": int(len(pools.bg)),
+           "final_loss": float(np.mean(losses[-50:])) if losses else None,
+           "final_accuracy": float(np.mean(accs[-50:])) if accs else None}
+    if box is not None:
+        out["final_box_loss"] = float(np.mean(box_losses[-50:])) if box_losses else None
+    return out

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from detector.core.backbones import Backbone, build_backbone
-from detector.detection.bbox_regression import BoxRegressor, train_box_regressors
+from detector.detection.bbox_regression import BoxRegressor, box_layer, train_box_regressors
 from detector.cache import atomic_save_npz, atomic_write_text, file_digest, load_npz, make_dir, params_digest
 from detector.config import Config
 from detector.datasets import load_dataset
@@ -42,8 +42,8 @@ from detector.detection.detector import SPPDetector
 from detector.detection.calibration import fit_calibration, held_out_margins
 from detector.detection.predictor import WindowPredictor
 from detector.progress import progress_bar
-from detector.detection.train.stages import (STAGE_NAMES, STAGES, StageRecords, data_digest, mirror_maps,
-                                             relevant_config, stage_digests)
+from detector.detection.train.stages import (STAGE_NAMES, STAGES, StageRecords, box_layer_trained, data_digest,
+                                             mirror_maps, relevant_config, stage_digests)
 from detector.detection.svm import format_summary, train_svms
 from detector.detection.train.rows import RowStore, regression_examples, svm_feature_scale, svm_images, write_rows
 
@@ -78,6 +78,7 @@ class TrainRun:
     maps: Optional[MapMemory] = None
     proposals_file: Optional[str] = None  # published proposals instead of selective search
     rpn: Optional[object] = None  # the learned proposals' head (proposals.method: rpn)
+    box: Optional[torch.nn.Linear] = None  # the box layer fine-tuned with the fc layers (bbox.method: finetune)
 
     def features(self, i: int, flip: bool):
         """Image i's conv maps (of its mirror image if flip), from RAM or the feature cache."""
@@ -222,11 +223,15 @@ def run_finetune(r: TrainRun) -> dict:
     arrays = {"pool5_scale": np.float64(scale)}
     if head is not None:
         ckpt = r.run / f"finetune_ckpt_{r.digests['finetune']}.pt"
+        r.box = box_layer(cfg.finetune.fc_dims[1], len(r.ds.class_names)).to(r.fcache.extractor.device) \
+            if box_layer_trained(cfg) else None
         info.update(finetune(head, r.images, _pooler(r), cfg.finetune, len(cfg.features.scales), cfg.seed, ckpt,
-                             r.progress))
+                             r.progress, box=r.box, box_weight=cfg.bbox.loss_weight))
         if world().main:
             print(f"fine-tuning: {info}")
         arrays.update({f"head.{k}": v.cpu().numpy() for k, v in head.state_dict().items()})
+        if r.box is not None:
+            arrays.update({f"box.{k}": v.detach().cpu().numpy() for k, v in r.box.state_dict().items()})
     if world().main:
         atomic_save_npz(r.run / "finetune.npz", **arrays)
     barrier()
@@ -243,6 +248,11 @@ def reuse_finetune(r: TrainRun) -> None:
         head.load_state_dict({k[5:]: torch.from_numpy(v).to(head.fc6.weight.device)
                               for k, v in z.items() if k.startswith("head.")})
         head.eval()
+        if box_layer_trained(r.cfg):
+            if "box.weight" not in z:
+                raise CacheError(f"{r.run / 'finetune.npz'} has no box layer; delete it and run again")
+            r.box = box_layer(r.cfg.finetune.fc_dims[1], len(r.ds.class_names))
+            r.box.load_state_dict({k: torch.from_numpy(z[f"box.{k}"]) for k in ("weight", "bias")})
     r.embedder = WindowEmbedder.from_config(r.cfg, r.backbone, head, pool5_scale=float(z["pool5_scale"]))
 
 
@@ -256,7 +266,7 @@ def _write_rows(r: TrainRun, want_svm: bool) -> float:
     returns its seconds."""
     t = time.perf_counter()
     svm_store, bbox_store = _row_stores(r)
-    want_bbox = r.cfg.bbox.enabled and r.stale("bbox")
+    want_bbox = r.cfg.bbox.enabled and not box_layer_trained(r.cfg) and r.stale("bbox")
     write_rows(r.embedder, r.images, r.features, svm_store if want_svm else None,
                bbox_store if want_bbox else None, r.cfg.bbox.iou_thresh,
                r.progress, done=r.forget, indices=r.my_images("svm rows" if want_svm else "bbox rows"))
@@ -307,6 +317,12 @@ def run_svm(r: TrainRun) -> dict:
 def run_bbox(r: TrainRun) -> dict:
     if not r.cfg.bbox.enabled:
         return {"enabled": False}
+    if box_layer_trained(r.cfg):  # trained with the fc layers: only written in the regressors' form
+        if world().main:
+            atomic_save_npz(r.run / "bbox.npz", **BoxRegressor.from_box_layer(
+                r.box.weight.detach().cpu().numpy(), r.box.bias.detach().cpu().numpy()).to_arrays())
+        barrier()
+        return {"method": "finetune"}
     store = _row_stores(r)[1]
     rows_s = _write_rows(r, want_svm=False)
     if not world().main:

@@ -18,9 +18,9 @@ the stages it reads from, so a change propagates downstream and nowhere else:
                of a proposals file
     finetune   "base" (data, proposals, feature key, levels, projection, scale rule, seed,
                target norm: everything pool5 depends on) + finetune settings (not
-               `checkpoint_every`)
+               `checkpoint_every`) + the box loss's weight when bbox.method is finetune
     svm        finetune + svm settings
-    bbox       base + bbox settings
+    bbox       base + the ridge settings; or finetune (bbox.method: finetune)
     model      svm + bbox + finetune + the whole config but the settings below
 
 Settings that never change a result (`detector.config.RESULT_NEUTRAL`: `proposals.workers`,
@@ -66,6 +66,11 @@ STAGE_NAMES = tuple(s.name for s in STAGES)
 RPN_PROPOSAL_KEYS = ("train_top_n", "pre_nms_top_n", "nms_iou", "min_size", "post_nms_top_n")
 
 
+def box_layer_trained(cfg) -> bool:
+    """Whether fine-tuning also trains the box layer (bbox.method: finetune, Fast R-CNN's)."""
+    return bool(cfg.bbox.enabled and cfg.bbox.method == "finetune" and cfg.finetune.enabled)
+
+
 def mirror_maps(cfg) -> bool:
     """Whether training needs the mirror images' conv maps (flip augmentation of the fc layers or
     of the learned proposals' head)."""
@@ -107,11 +112,18 @@ def stage_digests(cfg, data_sig: str, feature_key: str, proposals_file: str | No
                           "scale_rule": c["features"]["scale_rule"], "seed": c["seed"],
                           "target_norm": c["svm"]["target_norm"]})
     ft = c["finetune"] if cfg.finetune.enabled else {"enabled": False}
+    joint_box = box_layer_trained(cfg)
+    if joint_box:  # the box layer trains with the fc layers
+        ft = {**ft, "box_loss_weight": c["bbox"]["loss_weight"]}
     d["finetune"] = params_digest({"base": base, "finetune": ft, "features": d["features"]})
     d["svm_rows"] = params_digest({"finetune": d["finetune"], "layer": c["svm"]["layer"]})
     d["svm"] = params_digest({"rows": d["svm_rows"], "svm": c["svm"]})
     d["bbox_rows"] = params_digest({"base": base, "iou": c["bbox"]["iou_thresh"]})
-    d["bbox"] = params_digest({"rows": d["bbox_rows"], "bbox": c["bbox"]})
+    if joint_box:
+        d["bbox"] = params_digest({"finetune": d["finetune"], "method": "finetune"})
+    else:  # the ridge regressors' own settings only (the keys of `finetune` would rerun it for nothing)
+        ridge = {k: v for k, v in c["bbox"].items() if k not in ("method", "loss_weight")}
+        d["bbox"] = params_digest({"rows": d["bbox_rows"], "bbox": ridge})
     d["model"] = params_digest({"svm": d["svm"], "bbox": d["bbox"], "finetune": d["finetune"], "config": c})
     return d
 
