@@ -358,6 +358,12 @@ def result_settings(cfg: "Config") -> dict:
 BACKBONE_NAMES = ("efficientnet_lite0", "zf5", "alexnet", "vgg16", "resnet50")  # detector.core.backbones.BACKBONES
 
 
+def box_layer_trained(cfg: "Config") -> bool:
+    """Whether fine-tuning also trains the box layer (bbox.method: finetune, Fast R-CNN's), whose
+    regressors then read fc7: what the training stages and a loaded model both ask."""
+    return bool(cfg.bbox.enabled and cfg.bbox.method == "finetune" and cfg.finetune.enabled)
+
+
 def _check(ok: bool, message: str) -> None:
     if not ok:
         raise ConfigError(message)

@@ -22,7 +22,7 @@ from typing import Optional, Sequence, Union
 import numpy as np
 import torch
 
-from detector.config import Config, ConfigError, apply_test_overrides
+from detector.config import Config, ConfigError, apply_test_overrides, box_layer_trained
 from detector.core.backbones import Backbone, build_backbone
 from detector.core.boxes import check_boxes
 from detector.core.embedder import WindowEmbedder, distinct_windows, layer_dim
@@ -75,9 +75,9 @@ class SPPDetector:
         self.regression_layer = regression_layer(cfg)
         reg = predictor.regressor
         if reg is not None:
-            want = embedder.pool5_dim if self.regression_layer == "pool5" else cfg.finetune.fc_dims[1]
             if self.regression_layer == "fc7" and embedder.head is None:
                 raise ModelFormatError("bbox.method is finetune but the model has no fine-tuned fc layers")
+            want = layer_dim(self.regression_layer, embedder.pool5_dim, cfg.finetune.fc_dims)
             if reg.feature_dim != want:
                 raise ModelFormatError(f"box regressors read {reg.feature_dim} features; the model's "
                                        f"{self.regression_layer} has {want}")
@@ -327,7 +327,7 @@ class SPPDetector:
 def regression_layer(cfg: Config) -> str:
     """The features a model's box regressors read: fc7 for the fine-tuned box layer
     (bbox.method: finetune), else pool5."""
-    return "fc7" if cfg.bbox.method == "finetune" and cfg.finetune.enabled else "pool5"
+    return "fc7" if box_layer_trained(cfg) else "pool5"
 
 
 def load(path: Union[str, Path], device: str = "auto") -> SPPDetector:

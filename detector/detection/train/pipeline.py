@@ -25,7 +25,7 @@ import torch
 from detector.core.backbones import Backbone, build_backbone
 from detector.detection.bbox_regression import BoxRegressor, box_layer, train_box_regressors
 from detector.cache import atomic_save_npz, atomic_write_text, file_digest, load_npz, make_dir, params_digest
-from detector.config import Config
+from detector.config import Config, box_layer_trained
 from detector.datasets import load_dataset
 from detector.datasets.records import Dataset
 from detector.core.embedder import StackedMaps, WindowEmbedder
@@ -42,8 +42,8 @@ from detector.detection.detector import SPPDetector
 from detector.detection.calibration import fit_calibration, held_out_margins
 from detector.detection.predictor import WindowPredictor
 from detector.progress import progress_bar
-from detector.detection.train.stages import (STAGE_NAMES, STAGES, StageRecords, box_layer_trained, data_digest,
-                                             mirror_maps, relevant_config, stage_digests)
+from detector.detection.train.stages import (STAGE_NAMES, STAGES, StageRecords, data_digest, mirror_maps,
+                                             relevant_config, stage_digests)
 from detector.detection.svm import format_summary, train_svms
 from detector.detection.train.rows import RowStore, regression_examples, svm_feature_scale, svm_images, write_rows
 

@@ -66,11 +66,6 @@ STAGE_NAMES = tuple(s.name for s in STAGES)
 RPN_PROPOSAL_KEYS = ("train_top_n", "pre_nms_top_n", "nms_iou", "min_size", "post_nms_top_n")
 
 
-def box_layer_trained(cfg) -> bool:
-    """Whether fine-tuning also trains the box layer (bbox.method: finetune, Fast R-CNN's)."""
-    return bool(cfg.bbox.enabled and cfg.bbox.method == "finetune" and cfg.finetune.enabled)
-
-
 def mirror_maps(cfg) -> bool:
     """Whether training needs the mirror images' conv maps (flip augmentation of the fc layers or
     of the learned proposals' head)."""
@@ -97,6 +92,8 @@ def stage_digests(cfg, data_sig: str, feature_key: str, proposals_file: str | No
     """Digest of every stage's inputs (see the module docstring), plus the per-image row
     sets the SVM and box-regression stages train from ("svm_rows", "bbox_rows").
     proposals_file: the digest of a published proposals file used instead of selective search."""
+    from detector.config import box_layer_trained
+
     c = relevant_config(cfg)
     d = {"features": params_digest({"key": feature_key, "flips": mirror_maps(cfg)})}
     if learned_proposals(cfg):
