@@ -10,19 +10,25 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 
+def smoke_training(tmp: Path, overrides: tuple = ()) -> tuple:
+    """configs/smoke.yaml with `overrides`, trained in `tmp` on 16 synthetic images (the smoke
+    runs' data, made with the same seed): (tmp, dataset, model path)."""
+    from detector.config import load_config
+    from detector.datasets.synthetic import make_synthetic
+    from detector.detection.train.pipeline import train
+
+    data = make_synthetic(tmp / "data", num_train=16, num_test=6, image_size=(160, 120), seed=3)
+    cfg = load_config(ROOT / "configs" / "smoke.yaml", list(overrides))
+    model_path = train(str(data), str(tmp / "run"), cfg, cache_root=str(tmp / "cache"), progress=False)
+    return tmp, data, model_path
+
+
 @pytest.fixture(scope="session")
 def smoke_run(tmp_path_factory):
     """(folder, dataset, model path) of configs/smoke.yaml trained on 16 synthetic images.
     test_smoke.py retrains into this run with other settings; `pristine_model` is a copy
     taken right after the first training, for tests that need it unchanged."""
-    from detector.config import load_config
-    from detector.datasets.synthetic import make_synthetic
-    from detector.detection.train.pipeline import train
-
-    tmp = tmp_path_factory.mktemp("smoke")
-    data = make_synthetic(tmp / "data", num_train=16, num_test=6, image_size=(160, 120), seed=3)
-    cfg = load_config(ROOT / "configs" / "smoke.yaml")
-    model_path = train(str(data), str(tmp / "run"), cfg, cache_root=str(tmp / "cache"), progress=False)
+    tmp, data, model_path = smoke_training(tmp_path_factory.mktemp("smoke"))
     shutil.copy(model_path, tmp / "pristine.safetensors")
     return tmp, data, model_path
 
@@ -36,13 +42,12 @@ def pristine_model(smoke_run):
 def rpn_run(tmp_path_factory):
     """(folder, dataset, model path) of configs/smoke.yaml with learned proposals
     (proposals.method: rpn, a 30-iteration head) on the smoke run's kind of data."""
-    from detector.config import load_config
-    from detector.datasets.synthetic import make_synthetic
-    from detector.detection.train.pipeline import train
+    return smoke_training(tmp_path_factory.mktemp("rpn"), ["proposals.method=rpn", "rpn.iterations=30",
+                                                          "rpn.checkpoint_every=10"])
 
-    tmp = tmp_path_factory.mktemp("rpn")
-    data = make_synthetic(tmp / "data", num_train=16, num_test=6, image_size=(160, 120), seed=3)
-    cfg = load_config(ROOT / "configs" / "smoke.yaml", ["proposals.method=rpn", "rpn.iterations=30",
-                                                        "rpn.checkpoint_every=10"])
-    model_path = train(str(data), str(tmp / "run"), cfg, cache_root=str(tmp / "cache"), progress=False)
-    return tmp, data, model_path
+
+@pytest.fixture(scope="session")
+def box_run(tmp_path_factory):
+    """(folder, dataset, model path) of configs/smoke.yaml with Fast R-CNN's box layer
+    (bbox.method: finetune) on the smoke run's kind of data."""
+    return smoke_training(tmp_path_factory.mktemp("box"), ["bbox.method=finetune"])
