@@ -136,6 +136,9 @@ class BBoxConfig:
     lam: float = 4000.0  # ridge: the regularisation
     whiten: bool = True  # ridge: whiten the targets
     loss_weight: float = 1.0  # finetune: the box loss's weight beside the softmax's
+    # ridge: what the targets are relative to.  proposal: the proposal box (R-CNN's, the paper's) | window:
+    # the box its SPP window covers (projection.window_boxes), which is what the pooled features saw
+    reference: str = "proposal"
 
 
 @dataclass
@@ -149,6 +152,8 @@ class TestConfig:
     scorer: str = "svm"  # svm: the per-class SVMs (the paper) | softmax: fc8's class probabilities (Fast R-CNN)
     nms_after_regression: bool = False  # true: regress every candidate first, NMS on the refined boxes (Fast R-CNN)
     soft_nms_sigma: float = 0.0  # > 0: Gaussian soft-NMS with this sigma instead of removing overlapping boxes
+    box_voting_iou: float = 0.0  # > 0 (with nms_after_regression): each kept box the margin-weighted mean of the
+    # refined candidates of its class that overlap it by at least this much (box voting)
     # > 1: pool each kept box again where regression moved it and regress it again.  2 by default: +0.8 to
     # +1.8 points VOC07 on BCCD and DeepPCB, learned and selective-search proposals alike (BENCHMARKS.md,
     # "Learned proposals and the levers"); the paper regresses once (configs/zf5_paper.yaml keeps 1).
@@ -421,6 +426,10 @@ def validate(cfg: Config) -> None:
     _check(bb.method == "ridge" or not bb.enabled or ft.enabled,
            "bbox.method=finetune trains the box layer with the fc layers: it needs finetune.enabled=true")
     _check(bb.loss_weight > 0, f"bbox.loss_weight must be > 0, got {bb.loss_weight}")
+    _check(bb.reference in ("proposal", "window"), f"bbox.reference must be proposal or window, got {bb.reference!r}")
+    _check(bb.reference == "proposal" or bb.method == "ridge",
+           "bbox.reference=window is for the ridge regressors; the box layer (bbox.method=finetune) regresses "
+           "from the proposals")
     _check(0 < t.nms_iou <= 1, f"test.nms_iou must be in (0, 1], got {t.nms_iou}")
     thr = t.score_thresh
     values = thr if isinstance(thr, list) else list(thr.values()) if isinstance(thr, dict) else [thr]
@@ -431,6 +440,10 @@ def validate(cfg: Config) -> None:
     _check(t.max_per_image >= 1, f"test.max_per_image must be >= 1, got {t.max_per_image}")
     _check(t.bbox_iterations >= 1, f"test.bbox_iterations must be >= 1, got {t.bbox_iterations}")
     _check(t.soft_nms_sigma >= 0, f"test.soft_nms_sigma must be >= 0 (0: plain NMS), got {t.soft_nms_sigma}")
+    _check(0 <= t.box_voting_iou <= 1, f"test.box_voting_iou must be in [0, 1] (0: off), got {t.box_voting_iou}")
+    _check(t.box_voting_iou == 0 or (t.nms_after_regression and t.soft_nms_sigma == 0),
+           "test.box_voting_iou > 0 votes with the regressed candidates after plain NMS: it needs "
+           "test.nms_after_regression=true and test.soft_nms_sigma=0")
     _check(t.scorer in ("svm", "softmax"), f"test.scorer must be svm or softmax, got {t.scorer!r}")
     _check(t.scorer == "svm" or ft.enabled, "test.scorer=softmax needs the fine-tuned fc8 (finetune.enabled=true)")
     if cfg.classes is not None:

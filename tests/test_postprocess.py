@@ -225,3 +225,39 @@ def test_soft_nms_matches_a_naive_loop_and_keeps_overlapping_neighbours(seed):
     assert len(select_detections(two, sc, 0.0, 0.3)) == 1
     soft = select_detections(two, sc, 0.0, 0.3, soft_sigma=0.5)
     assert soft.indices.tolist() == [0, 1] and 0 < soft.scores[1] < 0.8
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_box_voting_matches_a_naive_loop(seed):
+    """After NMS on the regressed candidates, each kept box is the margin-weighted mean of its
+    class's regressed candidates overlapping it by at least vote_iou."""
+    boxes, scores, shift = _scene(seed + 40)
+    thr = np.array([-1.5, -1.0, -1.2])
+    key = lambda d: (-d[0], d[1], d[2])  # noqa: E731
+    moved = lambda i, c: (boxes[i] + shift[i, c]).tolist()  # noqa: E731
+    dets = [(float(scores[i, c]), c, i) for c in range(3) for i in range(len(boxes)) if scores[i, c] > thr[c]]
+    kept = _greedy_nms(sorted(dets, key=key), lambda d: moved(d[2], d[1]), 0.3)[:100]
+    want = []
+    for s, c, i in kept:
+        num, den = np.zeros(4), 0.0
+        for s2, c2, i2 in dets:
+            if c2 == c and (i2 == i or _iou(moved(i2, c2), moved(i, c)) >= 0.5):
+                w = s2 - thr[c]
+                num, den = num + w * np.array(moved(i2, c2)), den + w
+        want.append(num / den)
+    refine = lambda i, c: boxes[i] + shift[i, c]  # noqa: E731
+    sel = select_detections(boxes, scores, thr, 0.3, 100, refine=refine, vote_iou=0.5)
+    plain = select_detections(boxes, scores, thr, 0.3, 100, refine=refine)
+    assert sel.indices.tolist() == [i for _, _, i in kept] == plain.indices.tolist()  # voting moves, never drops
+    np.testing.assert_allclose(sel.boxes, want, atol=1e-3)
+    assert np.abs(sel.boxes - plain.boxes).max() > 1.0  # some kept box had neighbours to vote with
+
+
+def test_box_voting_needs_the_regressed_candidates():
+    from detector.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="nms_after_regression"):
+        load_config(None, ["test.box_voting_iou=0.5"])
+    with pytest.raises(ConfigError, match="soft_nms_sigma"):
+        load_config(None, ["test.box_voting_iou=0.5", "test.nms_after_regression=true", "test.soft_nms_sigma=0.5"])
+    assert load_config(None, ["test.box_voting_iou=0.5", "test.nms_after_regression=true"]).test.box_voting_iou == 0.5

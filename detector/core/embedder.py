@@ -28,7 +28,7 @@ from detector.core.backbones import Backbone
 from detector.core.boxes import check_boxes
 from detector.core.features import ScaleFeatures
 from detector.core.heads import FCHead
-from detector.core.projection import choose_scales, project_boxes
+from detector.core.projection import choose_scales, project_boxes, window_boxes
 from detector.core.spp import DEFAULT_LEVELS, spatial_pyramid_pool, spp_length
 
 
@@ -148,6 +148,13 @@ class WindowEmbedder:
     def pool5_windows(self, feats: Sequence[ScaleFeatures], windows: np.ndarray) -> torch.Tensor:
         """Scaled SPP vectors [N, D] of `windows()` rows."""
         return _pool(feats, windows, self.levels).mul_(self.pool5_scale)  # in place: a fresh [N, D] costs page faults
+
+    def window_boxes(self, feats: Sequence[ScaleFeatures], windows: np.ndarray) -> np.ndarray:
+        """float64 [N, 4]: what each `windows()` row's features saw, in original-image pixels
+        (`detector.core.projection.window_boxes` at the row's scale)."""
+        windows = np.asarray(windows, np.int64).reshape(-1, 5)
+        factors = np.array([sf.factor for sf in feats], np.float64)[windows[:, 0]]
+        return window_boxes(windows[:, 1:], factors, self.backbone.stride, self.backbone.offset, self.projection)
 
     def pool5(self, feats: Sequence[ScaleFeatures], boxes: np.ndarray, scale_index: Optional[np.ndarray] = None,
               name: str = "boxes") -> torch.Tensor:

@@ -85,3 +85,28 @@ def choose_scales(boxes: np.ndarray, factors: Sequence[float], image_size: tuple
     else:
         raise ValueError(f"scale rule must be 'paper' or 'code', got {rule!r}")
     return np.argmin(d, axis=1).astype(np.int64)
+
+
+def window_boxes(windows: np.ndarray, factor: float, stride: int, offset: float, rule: str = "code",
+                 pull: Optional[float] = None) -> np.ndarray:
+    """What a window's features saw, in original-image pixels: the inverse of `project_boxes`.
+
+    `windows`: int [N, 4] inclusive cells x1 y1 x2 y2 at one scale (or `factor` per row).  Each
+    edge goes to the middle of the interval of box edges that `project_boxes` snaps onto it, so
+    `project_boxes(window_boxes(w)) == w` for any window that neither collapsed nor was clamped.
+    Box regression can take its targets from these boxes instead of the proposals
+    (`bbox.reference: window`): the features know where the window lies, not where in its
+    one-stride snapping interval the proposal's edge fell.  float64 [N, 4].
+    """
+    w = np.asarray(windows, dtype=np.float64).reshape(-1, 4)
+    centre0 = offset + 0.5
+    if rule == "code":
+        p = 6.5 * stride / 16.0 if pull is None else pull
+        first = centre0 - p + stride * w[:, :2]
+        last = centre0 + p + stride * w[:, 2:]
+    elif rule == "paper":
+        first = centre0 + stride * (w[:, :2] - 0.5)
+        last = centre0 + stride * (w[:, 2:] + 0.5)
+    else:
+        raise ValueError(f"projection rule must be 'code' or 'paper', got {rule!r}")
+    return np.concatenate([first - 0.5, last + 0.5], axis=1) / np.reshape(factor, (-1, 1))

@@ -158,6 +158,7 @@ class SPPDetector:
             if len(boxes) == 0:
                 return self._no_proposals(image)
         windows, row = distinct_windows(self.embedder.windows(maps, boxes))  # each distinct window once
+        ref = self._references(maps, windows)[row] if regress and self.window_reference else boxes
         regress_first = regress and tc.nms_after_regression
         scores, deltas, pool5 = self._predict(maps, windows, scorer, regress and (self.device_path or regress_first),
                                               timer)
@@ -167,9 +168,10 @@ class SPPDetector:
             scores, thr = self.predictor.calibrate(scores, thr)
         refine = None
         if regress_first:  # each candidate moved for its class before NMS
-            refine = lambda idx, lab: self.predictor.refine(boxes[idx], deltas[row[idx], lab], lab)  # noqa: E731
+            refine = lambda idx, lab: self.predictor.refine(ref[idx], deltas[row[idx], lab], lab)  # noqa: E731
         sel = select_detections(boxes, scores[row], thr, nms_iou, tc.max_per_image if max_per_image is None
-                                else max_per_image, refine=refine, soft_sigma=tc.soft_nms_sigma)
+                                else max_per_image, refine=refine, soft_sigma=tc.soft_nms_sigma,
+                                vote_iou=tc.box_voting_iou if regress_first else 0.0)
         timer.lap("nms")
         kept = sel.boxes
         if regress and not regress_first and len(sel):
@@ -180,7 +182,7 @@ class SPPDetector:
                 deltas = self.predictor.deltas(self._regression_input(p5).double(), sel.labels)
             else:
                 deltas = deltas[rows, sel.labels]
-            kept = self.predictor.refine(kept, deltas, sel.labels)
+            kept = self.predictor.refine(ref[sel.indices] if self.window_reference else kept, deltas, sel.labels)
         if regress and len(sel):
             kept = self._regress_again(maps, kept, sel.labels, tc.bbox_iterations - 1, W, H)
         timer.lap("bbox")
@@ -202,10 +204,22 @@ class SPPDetector:
             ok = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
             if not ok.any():
                 break
-            p5 = self.embedder.pool5(maps, boxes[ok], name="regressed boxes")
-            d = self.predictor.deltas(self._regression_input(p5).double(), labels[ok])
-            boxes[ok] = self.predictor.refine(boxes[ok], d, labels[ok])
+            win = self.embedder.windows(maps, boxes[ok], name="regressed boxes")
+            d = self.predictor.deltas(self._regression_input(self.embedder.pool5_windows(maps, win)).double(),
+                                      labels[ok])
+            start = self._references(maps, win) if self.window_reference else boxes[ok]
+            boxes[ok] = self.predictor.refine(start, d, labels[ok])
         return boxes
+
+    @property
+    def window_reference(self) -> bool:
+        """Whether the regressors' deltas apply to the boxes the windows cover (bbox.reference:
+        window) rather than to the proposals."""
+        return self.cfg.bbox.reference == "window"
+
+    def _references(self, maps, windows: np.ndarray) -> np.ndarray:
+        """float32 [N, 4]: the boxes that `windows()` rows cover, the regressors' starting boxes."""
+        return self.embedder.window_boxes(maps, windows).astype(np.float32)
 
     def _regression_input(self, pool5: torch.Tensor, embedded: Optional[torch.Tensor] = None) -> torch.Tensor:
         """What the box regressors read of these windows: pool5 itself, or fc7 after ReLU (taken

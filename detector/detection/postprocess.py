@@ -30,6 +30,10 @@ Two measured alternatives for densely packed objects (BENCHMARKS.md, "Accuracy l
   is multiplied by exp(-IoU^2 / sigma) per higher box kept, and it drops out when that
   margin falls below `soft_min` of its original margin (SVM margins can be negative, so the
   decay applies to the margin above the threshold, which is positive for every candidate).
+- `vote_iou` > 0 (`test.box_voting_iou`, with `refine`): box voting (Gidaris and Komodakis,
+  ICCV 2015): after NMS each kept box becomes the mean of its class's refined candidates
+  that overlap it by at least `vote_iou`, weighted by their margins above the threshold, so
+  the many regressed windows on one object average their errors out.
 """
 from __future__ import annotations
 
@@ -99,6 +103,25 @@ def _nms_per_class(boxes: np.ndarray, labels: np.ndarray, iou: float) -> np.ndar
     return np.sort(np.concatenate(keep))
 
 
+def _box_votes(boxes: np.ndarray, margins: np.ndarray, labels: np.ndarray, keep: np.ndarray,
+               iou: float) -> np.ndarray:
+    """Box voting: each kept box [len(keep), 4] replaced by the mean of its class's candidates
+    overlapping it by at least `iou` (itself included), weighted by their margins above the
+    class threshold (positive for every candidate)."""
+    from torchvision.ops import box_iou
+
+    out = np.asarray(boxes[keep], np.float64).copy()
+    for k in np.unique(labels[keep]):
+        mine = np.flatnonzero(labels[keep] == k)
+        pos = np.flatnonzero(labels == k)
+        b = torch.from_numpy(np.asarray(boxes[pos], np.float64))
+        near = box_iou(torch.from_numpy(out[mine]), b).numpy() >= iou  # [kept of k, candidates of k]
+        near[np.arange(len(mine)), np.searchsorted(pos, keep[mine])] = True  # itself, even with no area
+        w = near * margins[pos][None, :]
+        out[mine] = (w @ b.numpy()) / w.sum(1, keepdims=True)
+    return out.astype(np.float32)
+
+
 def _soft_nms_per_class(boxes: np.ndarray, margins: np.ndarray, labels: np.ndarray, sigma: float,
                         min_frac: float) -> tuple[np.ndarray, np.ndarray]:
     """Gaussian soft-NMS per class on positive margins: (positions kept, their decayed margins).
@@ -143,11 +166,12 @@ def select_detections(boxes: np.ndarray, scores: np.ndarray,
                       score_thresh: Union[float, Sequence[float], np.ndarray] = -1.5,
                       nms_iou: float = 0.3, max_per_image: Optional[int] = 100,
                       refine: Optional[Callable[[np.ndarray, np.ndarray], np.ndarray]] = None,
-                      soft_sigma: float = 0.0, soft_min: float = 0.01) -> Selection:
+                      soft_sigma: float = 0.0, soft_min: float = 0.01, vote_iou: float = 0.0) -> Selection:
     """Steps 1-3.  score_thresh: scalar or one per class (see class_thresholds; a mapping
     here is keyed by the class index as a string); max_per_image None: no cap.
     refine(indices, labels) -> boxes: NMS runs on each candidate's refined box for its class
-    instead of its proposal box; soft_sigma > 0: soft-NMS (see the module docstring)."""
+    instead of its proposal box; soft_sigma > 0: soft-NMS; vote_iou > 0: box voting (see the
+    module docstring)."""
     boxes, scores = _check_inputs(boxes, scores)
     num_classes = scores.shape[1]
     thr = class_thresholds(score_thresh, [str(k) for k in range(num_classes)])
@@ -166,7 +190,8 @@ def select_detections(boxes: np.ndarray, scores: np.ndarray,
         idx, lab, sc, cand = idx[o], lab[o], sc[o], cand[o]
     else:
         keep = _nms_per_class(cand, lab, nms_iou)  # sorted positions: order preserved
-        idx, lab, sc, cand = idx[keep], lab[keep], sc[keep], cand[keep]
+        voted = _box_votes(cand, sc.astype(np.float64) - thr[lab], lab, keep, vote_iou) if vote_iou > 0 else None
+        idx, lab, sc, cand = idx[keep], lab[keep], sc[keep], cand[keep] if voted is None else voted
     if max_per_image is not None:
         idx, lab, sc, cand = idx[:max_per_image], lab[:max_per_image], sc[:max_per_image], cand[:max_per_image]
     return Selection(idx.astype(np.int64), lab.astype(np.int64), sc.astype(np.float32), cand.astype(np.float32))

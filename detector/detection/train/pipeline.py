@@ -269,7 +269,8 @@ def _write_rows(r: TrainRun, want_svm: bool) -> float:
     want_bbox = r.cfg.bbox.enabled and not box_layer_trained(r.cfg) and r.stale("bbox")
     write_rows(r.embedder, r.images, r.features, svm_store if want_svm else None,
                bbox_store if want_bbox else None, r.cfg.bbox.iou_thresh,
-               r.progress, done=r.forget, indices=r.my_images("svm rows" if want_svm else "bbox rows"))
+               r.progress, done=r.forget, indices=r.my_images("svm rows" if want_svm else "bbox rows"),
+               reference=r.cfg.bbox.reference)
     r.maps.clear()
     barrier()  # every rank's rows are on disk
     return time.perf_counter() - t

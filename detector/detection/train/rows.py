@@ -53,31 +53,40 @@ class RowStore:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def _regression_rows(p5: torch.Tensor, image: TrainImage, iou: float) -> dict:
+def _regression_rows(p5: torch.Tensor, image: TrainImage, iou: float,
+                     reference: Optional[np.ndarray] = None) -> dict:
+    """`reference`: the boxes the targets are relative to, one per window (default: the windows'
+    own proposal boxes)."""
     w = image.windows
     rows = w.regression_rows(iou)
     if not len(rows):
         return {"x": np.zeros((0, p5.shape[1]), np.float16), "boxes": np.zeros((0, 4), np.float32),
                 "gt": np.zeros((0, 4), np.float32), "labels": np.zeros(0, np.int64)}
     x = p5[torch.from_numpy(rows).to(p5.device)].cpu().numpy().astype(np.float16)
-    return {"x": x, "boxes": w.boxes[rows], "gt": w.matched_boxes(rows), "labels": w.labels[rows]}
+    boxes = w.boxes[rows] if reference is None else reference[rows].astype(np.float32)
+    return {"x": x, "boxes": boxes, "gt": w.matched_boxes(rows), "labels": w.labels[rows]}
 
 
 def write_rows(embedder: WindowEmbedder, images: Sequence[TrainImage], get_features: FeatureGetter,
                svm: Optional[RowStore], bbox: Optional[RowStore], bbox_iou: float, progress: bool = True,
-               done: Callable[[int], None] = lambda i: None, indices: Optional[Sequence[int]] = None) -> None:
+               done: Callable[[int], None] = lambda i: None, indices: Optional[Sequence[int]] = None,
+               reference: str = "proposal") -> None:
     """Write the missing row files of the images at `indices` (default: all; SVM rows into
     `svm`, regression rows into `bbox`; either may be None).  `done(i)` is called after image i,
-    e.g. to drop its conv maps from memory."""
+    e.g. to drop its conv maps from memory.  `reference` (bbox.reference): the regression rows'
+    boxes are the proposals, or the boxes their SPP windows cover."""
     stores = [s for s in (svm, bbox) if s is not None]
     indices = range(len(images)) if indices is None else indices
     for i in progress_bar(indices, desc="SVM/regression rows", unit="img", disable=not progress):
         im = images[i]
         if all(s.has(i) for s in stores):
             continue
-        p5 = embedder.pool5(get_features(i, False), im.windows.boxes, name=f"windows of {im.path}")
+        feats = get_features(i, False)
+        windows = embedder.windows(feats, im.windows.boxes, name=f"windows of {im.path}")
+        p5 = embedder.pool5_windows(feats, windows)
         if bbox is not None and not bbox.has(i):
-            bbox.write(i, **_regression_rows(p5, im, bbox_iou))
+            ref = embedder.window_boxes(feats, windows) if reference == "window" else None
+            bbox.write(i, **_regression_rows(p5, im, bbox_iou, ref))
         if svm is not None and not svm.has(i):
             w = im.windows
             svm.write(i, x=embedder.embed(p5).cpu().numpy().astype(np.float16), gt_labels=w.gt_labels,

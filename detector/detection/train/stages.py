@@ -115,11 +115,14 @@ def stage_digests(cfg, data_sig: str, feature_key: str, proposals_file: str | No
     d["finetune"] = params_digest({"base": base, "finetune": ft, "features": d["features"]})
     d["svm_rows"] = params_digest({"finetune": d["finetune"], "layer": c["svm"]["layer"]})
     d["svm"] = params_digest({"rows": d["svm_rows"], "svm": c["svm"]})
-    d["bbox_rows"] = params_digest({"base": base, "iou": c["bbox"]["iou_thresh"]})
+    rows = {"base": base, "iou": c["bbox"]["iou_thresh"]}
+    if c["bbox"]["reference"] != "proposal":  # the rows hold the window boxes as their boxes
+        rows["reference"] = c["bbox"]["reference"]
+    d["bbox_rows"] = params_digest(rows)
     if joint_box:
         d["bbox"] = params_digest({"finetune": d["finetune"], "method": "finetune"})
     else:  # the ridge regressors' own settings only (the keys of `finetune` would rerun it for nothing)
-        ridge = {k: v for k, v in c["bbox"].items() if k not in ("method", "loss_weight")}
+        ridge = {k: v for k, v in c["bbox"].items() if k not in ("method", "loss_weight", "reference")}
         d["bbox"] = params_digest({"rows": d["bbox_rows"], "bbox": ridge})
     d["model"] = params_digest({"svm": d["svm"], "bbox": d["bbox"], "finetune": d["finetune"], "config": c})
     return d
