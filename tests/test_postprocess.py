@@ -253,11 +253,9 @@ def test_box_voting_matches_a_naive_loop(seed):
     assert np.abs(sel.boxes - plain.boxes).max() > 1.0  # some kept box had neighbours to vote with
 
 
-def test_box_voting_needs_the_regressed_candidates():
+def test_box_voting_iou_is_validated():
     from detector.config import ConfigError, load_config
 
-    with pytest.raises(ConfigError, match="nms_after_regression"):
-        load_config(None, ["test.box_voting_iou=0.5"])
-    with pytest.raises(ConfigError, match="soft_nms_sigma"):
-        load_config(None, ["test.box_voting_iou=0.5", "test.nms_after_regression=true", "test.soft_nms_sigma=0.5"])
-    assert load_config(None, ["test.box_voting_iou=0.5", "test.nms_after_regression=true"]).test.box_voting_iou == 0.5
+    with pytest.raises(ConfigError, match="box_voting_iou"):
+        load_config(None, ["test.box_voting_iou=1.5"])
+    assert load_config(None, ["test.box_voting_iou=0"]).test.box_voting_iou == 0

@@ -43,7 +43,9 @@ def test_per_class_thresholds_from_a_number_a_list_or_a_mapping():
     names = ["cat", "dog", "eel"]
     assert class_thresholds(0.5, names).tolist() == [0.5] * 3
     assert class_thresholds([0.1, 0.2, 0.3], names).tolist() == [0.1, 0.2, 0.3]
-    assert class_thresholds({"dog": 1.0}, names).tolist() == [-1.5, 1.0, -1.5]
+    from detector.config import TestConfig
+    rest = TestConfig.score_thresh  # "*" defaults to the config's default threshold
+    assert class_thresholds({"dog": 1.0}, names).tolist() == [rest, 1.0, rest]
     assert class_thresholds({"dog": 1.0, "*": 0.0}, names).tolist() == [0.0, 1.0, 0.0]
     with pytest.raises(ConfigError, match=r"unknown class\(es\) \['zebra'\]"):
         class_thresholds({"zebra": 1.0}, names)

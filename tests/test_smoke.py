@@ -59,7 +59,7 @@ def test_rerun_with_irrelevant_settings_redoes_nothing_and_bbox_lam_only_box_reg
     out = capsys.readouterr().out
     assert "reused: finetune, svm, bbox, model" in out
     assert json.loads((tmp / "run" / "stages.json").read_text())["finetune"] == before["finetune"]
-    train(str(data), str(tmp / "run"), load_config(smoke, ["bbox.lam=1000.0"]), cache_root=str(tmp / "cache"),
+    train(str(data), str(tmp / "run"), load_config(smoke, ["bbox.lam=2000.0"]), cache_root=str(tmp / "cache"),
           progress=False)
     out = capsys.readouterr().out
     after = json.loads((tmp / "run" / "stages.json").read_text())
@@ -366,6 +366,7 @@ def test_iterative_box_regression_regresses_the_regressed_boxes_again(trained):
     _, data, model_path = trained
     model = detector.load(model_path)
     model.cfg.test.second_nms = False  # so both runs keep the same detections
+    model.cfg.test.nms_after_regression = False  # NMS on the proposals, then the kept ones regressed
     model.cfg.test.bbox_iterations = 1
     img = load_image(sorted((data / "JPEGImages").glob("*.jpg"))[1])
     props = model.proposals(img)
@@ -377,8 +378,11 @@ def test_iterative_box_regression_regresses_the_regressed_boxes_again(trained):
     np.testing.assert_array_equal(once["scores"], twice["scores"])
     # by hand: the first pass's (clipped) boxes pooled again and moved by their class's regressor
     maps = model.extractor(img)
-    p5 = model.embedder.pool5(maps, once["boxes"])
-    want = model.predictor.refine(once["boxes"], model.predictor.deltas(p5.double(), once["labels"]), once["labels"])
+    win = model.embedder.windows(maps, once["boxes"])
+    p5 = model.embedder.pool5_windows(maps, win)
+    assert model.window_reference  # the default: the deltas move the boxes the windows cover
+    start = model.embedder.window_boxes(maps, win).astype(np.float32)
+    want = model.predictor.refine(start, model.predictor.deltas(p5.double(), once["labels"]), once["labels"])
     want = np.clip(want, 0, [img.shape[1], img.shape[0]] * 2)
     np.testing.assert_allclose(twice["boxes"], want, atol=1e-3)
     assert not np.allclose(twice["boxes"], once["boxes"], atol=1e-3)

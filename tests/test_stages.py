@@ -32,7 +32,7 @@ def test_irrelevant_list_names_real_fields():
 
 
 @pytest.mark.parametrize("item,expected", [
-    ("bbox.lam=1000.0", {"bbox", "model"}),
+    ("bbox.lam=2000.0", {"bbox", "model"}),
     ("bbox.iou_thresh=0.6", {"bbox_rows", "bbox", "model"}),
     ("svm.C=0.01", {"svm", "model"}),
     ("svm.layer=fc6", {"svm_rows", "svm", "model"}),

@@ -41,17 +41,19 @@ def test_window_boxes_take_a_factor_per_row():
     np.testing.assert_allclose(both[0], 2 * both[1])
 
 
-def test_the_setting_is_validated():
+def test_the_setting_is_validated_and_the_box_layer_regresses_from_proposals():
+    from detector.config import regression_reference
+
     with pytest.raises(ConfigError, match="bbox.reference must be"):
         load_config(None, ["bbox.reference=windows"])
-    with pytest.raises(ConfigError, match="ridge regressors"):
-        load_config(None, ["bbox.reference=window", "bbox.method=finetune"])
+    assert regression_reference(load_config(None, ["bbox.reference=window"])) == "window"
+    assert regression_reference(load_config(None, ["bbox.reference=window", "bbox.method=finetune"])) == "proposal"
 
 
 def test_only_the_box_regression_stages_and_the_model_depend_on_it():
     from detector.detection.train.stages import stage_digests
 
-    a = stage_digests(load_config(None), "data", "features")
+    a = stage_digests(load_config(None, ["bbox.reference=proposal"]), "data", "features")
     b = stage_digests(load_config(None, ["bbox.reference=window"]), "data", "features")
     changed = {k for k in a if a[k] != b[k]}
     assert changed == {"bbox_rows", "bbox", "model"}
@@ -71,6 +73,7 @@ def test_detect_moves_the_boxes_its_windows_cover(window_run):
     model = detector.load(model_path)
     assert model.cfg.bbox.reference == "window"
     model.cfg.test.second_nms = False  # so the runs below keep the same detections
+    model.cfg.test.nms_after_regression = False  # NMS on the proposals, then the kept ones regressed
     model.cfg.test.bbox_iterations = 1
     img = load_image(sorted((data / "JPEGImages").glob("*.jpg"))[1])
     props = model.proposals(img)
@@ -107,6 +110,7 @@ def test_nms_after_regression_moves_the_same_covered_boxes(window_run):
     _, data, model_path = window_run
     model = detector.load(model_path)
     model.cfg.test.bbox_iterations = 1
+    model.cfg.test.box_voting_iou = 0.0
     img = load_image(sorted((data / "JPEGImages").glob("*.jpg"))[2])
     props = model.proposals(img)
     model.cfg.test.nms_after_regression = True

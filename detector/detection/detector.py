@@ -22,7 +22,7 @@ from typing import Optional, Sequence, Union
 import numpy as np
 import torch
 
-from detector.config import Config, ConfigError, apply_test_overrides, box_layer_trained
+from detector.config import Config, ConfigError, apply_test_overrides, box_layer_trained, regression_reference
 from detector.core.backbones import Backbone, build_backbone
 from detector.core.boxes import check_boxes
 from detector.core.embedder import WindowEmbedder, distinct_windows, layer_dim
@@ -215,7 +215,7 @@ class SPPDetector:
     def window_reference(self) -> bool:
         """Whether the regressors' deltas apply to the boxes the windows cover (bbox.reference:
         window) rather than to the proposals."""
-        return self.cfg.bbox.reference == "window"
+        return regression_reference(self.cfg) == "window"
 
     def _references(self, maps, windows: np.ndarray) -> np.ndarray:
         """float32 [N, 4]: the boxes that `windows()` rows cover, the regressors' starting boxes."""

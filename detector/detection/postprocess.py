@@ -67,7 +67,7 @@ class Selection:
 
 def class_thresholds(score_thresh, class_names: Sequence[str]) -> np.ndarray:
     """Per-class score thresholds [K] from one number, a list with one per class, or a mapping
-    {class name: threshold} whose "*" entry (default -1.5) sets every class it does not name.
+    {class name: threshold} whose "*" entry (default: `TestConfig.score_thresh`) sets every class it does not name.
     A wrong length or an unknown class name is a ConfigError that lists the classes."""
     K, names = len(class_names), list(class_names)
     if isinstance(score_thresh, dict):

@@ -25,7 +25,7 @@ import torch
 from detector.core.backbones import Backbone, build_backbone
 from detector.detection.bbox_regression import BoxRegressor, box_layer, train_box_regressors
 from detector.cache import atomic_save_npz, atomic_write_text, file_digest, load_npz, make_dir, params_digest
-from detector.config import Config, box_layer_trained
+from detector.config import Config, box_layer_trained, regression_reference
 from detector.datasets import load_dataset
 from detector.datasets.records import Dataset
 from detector.core.embedder import StackedMaps, WindowEmbedder
@@ -270,7 +270,7 @@ def _write_rows(r: TrainRun, want_svm: bool) -> float:
     write_rows(r.embedder, r.images, r.features, svm_store if want_svm else None,
                bbox_store if want_bbox else None, r.cfg.bbox.iou_thresh,
                r.progress, done=r.forget, indices=r.my_images("svm rows" if want_svm else "bbox rows"),
-               reference=r.cfg.bbox.reference)
+               reference=regression_reference(r.cfg))
     r.maps.clear()
     barrier()  # every rank's rows are on disk
     return time.perf_counter() - t
