@@ -44,15 +44,16 @@ PAPER = {"backbone.name": "zf5", "finetune.fc_dims": [4096, 4096], "finetune.ite
          "finetune.lr": 0.001, "finetune.lr_steps": [30000, 60000], "finetune.batch_size": 128,
          "finetune.fg_fraction": 0.25, "svm.C": 0.001, "svm.pos_weight": 2.0, "svm.intercept_scaling": 10.0,
          "svm.neg_iou": 0.3, "svm.retrain_every": 2000, "bbox.lam": 4000.0, "bbox.iou_thresh": 0.5,
-         "test.score_thresh": -1.5, "test.nms_iou": 0.3, "test.max_per_image": 100, "test.bbox_iterations": 1, "spp.levels": [1, 2, 3, 6]}
+         "test.score_thresh": -1.5, "test.nms_iou": 0.3, "test.max_per_image": 100, "test.bbox_iterations": 1, "spp.levels": [1, 2, 3, 6],
+         "bbox.reference": "proposal", "test.nms_after_regression": False, "test.box_voting_iou": 0.0}
 # What each shipped config's comments and the README say it holds.
 CLAIMS = {
     "default.yaml": {},  # "identical to detector/config.py's dataclasses": checked field by field below
     "zf5_paper.yaml": {**PAPER, "features.scales": [688], "features.scale_rule": "code"},
     "zf5_paper_5scales.yaml": {**PAPER, "features.scales": [480, 576, 688, 864, 1200],
                                "features.scale_rule": "paper"},
-    "bccd.yaml": {"classes": ["Platelets", "RBC", "WBC"], "features.scales": [688], "finetune.iterations": 3000,
-                  "finetune.lr_steps": [2000], "backbone.name": "efficientnet_lite0"},
+    "bccd.yaml": {"classes": ["Platelets", "RBC", "WBC"], "features.scales": [688], "finetune.iterations": 6000,
+                  "finetune.lr_steps": [4000], "backbone.name": "efficientnet_lite0"},
     "bccd_rpn.yaml": {"classes": ["Platelets", "RBC", "WBC"], "features.scales": [688], "proposals.method": "rpn",
                       "backbone.name": "efficientnet_lite0"},
     "synthetic.yaml": {"features.scales": [320], "finetune.iterations": 800, "proposals.resize": 320},
