@@ -20,7 +20,8 @@ Order is deterministic everywhere: descending score, then class, then
 proposal index.  NMS itself is torchvision's; we hand it ranks rather than
 scores so ties are processed in that order whatever its sort does.
 
-Two measured alternatives for densely packed objects (BENCHMARKS.md, "Accuracy levers"):
+Measured alternatives to the release's steps (BENCHMARKS.md, "Accuracy levers" and "Learned proposals and
+the levers"; the defaults turn the first and the third on, `test.*` in detector/config.py):
 
 - `refine` (`test.nms_after_regression`): each candidate window is regressed for its
   class *before* NMS, as Fast R-CNN does, so duplicates of one object converge onto one
