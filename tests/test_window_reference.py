@@ -120,3 +120,45 @@ def test_nms_after_regression_moves_the_same_covered_boxes(window_run):
     after = model.detect(img, proposals=props, score_thresh=-10.0, nms_iou=1.0, max_per_image=10**6)
     order = lambda r: np.lexsort(np.c_[r["boxes"], r["labels"]].T)  # noqa: E731
     np.testing.assert_allclose(first["boxes"][order(first)], after["boxes"][order(after)], atol=1e-3)
+
+
+def test_regression_rows_hold_the_boxes_the_windows_cover_at_each_boxs_scale(tmp_path):
+    """write_rows with reference=window: the same pool5 rows as with proposals, and as boxes
+    the inverse projection of each window at the scale it was pooled at (two scales here)."""
+    import warnings
+
+    from detector.core.backbones import zf5
+    from detector.core.embedder import WindowEmbedder
+    from detector.core.features import FeatureExtractor
+    from detector.detection.matching import match_windows
+    from detector.detection.train.finetune import TrainImage
+    from detector.detection.train.rows import RowStore, write_rows
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        bb = zf5(random_init=True)
+    img = np.random.default_rng(5).integers(0, 255, (200, 240, 3), dtype=np.uint8)
+    feats = FeatureExtractor(bb, [160, 320], device="cpu")(img)
+    rng = np.random.default_rng(6)
+    # the large box's windows go to the smaller scale, the others' to the larger (area nearest 224^2)
+    gt = np.array([[20, 30, 120, 150], [130, 40, 230, 120], [60, 100, 90, 130], [10, 8, 232, 194]], np.float32)
+    props = np.repeat(gt, 15, 0) + rng.normal(0, 6, (60, 4)).astype(np.float32)
+    props = np.clip(props, 0, [240, 200, 240, 200])
+    image = TrainImage("img", 240, 200, match_windows(gt, np.array([0, 1, 0, 1]), props, 2))
+    stores = {ref: RowStore(tmp_path / ref) for ref in ("proposal", "window")}
+    for ref, store in stores.items():
+        write_rows(WindowEmbedder(bb), [image], lambda i, flip: feats, None, store, 0.5, progress=False, reference=ref)
+    by_box, by_window = stores["proposal"].read(0), stores["window"].read(0)
+    rows = image.windows.regression_rows(0.5)
+    assert len(rows) > 20
+    np.testing.assert_array_equal(by_box["x"], by_window["x"])
+    np.testing.assert_array_equal(by_box["gt"], by_window["gt"])
+    np.testing.assert_array_equal(by_box["boxes"], image.windows.boxes[rows])
+    emb = WindowEmbedder(bb)
+    windows = emb.windows(feats, image.windows.boxes[rows])
+    assert len(np.unique(windows[:, 0])) == 2  # both scales in use
+    for k, w in enumerate(windows):  # one window at a time, at its own scale's factor
+        sf = feats[int(w[0])]
+        want = window_boxes(w[None, 1:], sf.factor, bb.stride, bb.offset)[0]
+        np.testing.assert_allclose(by_window["boxes"][k], want, rtol=1e-6, atol=1e-3)
+    assert np.abs(by_window["boxes"] - by_box["boxes"]).max() > 1.0
