@@ -158,7 +158,7 @@ class SPPDetector:
             if len(boxes) == 0:
                 return self._no_proposals(image)
         windows, row = distinct_windows(self.embedder.windows(maps, boxes))  # each distinct window once
-        ref = self._references(maps, windows)[row] if regress and self.window_reference else boxes
+        ref = self._regression_starts(maps, windows[row], boxes) if regress else boxes
         regress_first = regress and tc.nms_after_regression
         scores, deltas, pool5 = self._predict(maps, windows, scorer, regress and (self.device_path or regress_first),
                                               timer)
@@ -182,7 +182,7 @@ class SPPDetector:
                 deltas = self.predictor.deltas(self._regression_input(p5).double(), sel.labels)
             else:
                 deltas = deltas[rows, sel.labels]
-            kept = self.predictor.refine(ref[sel.indices] if self.window_reference else kept, deltas, sel.labels)
+            kept = self.predictor.refine(ref[sel.indices], deltas, sel.labels)
         if regress and len(sel):
             kept = self._regress_again(maps, kept, sel.labels, tc.bbox_iterations - 1, W, H)
         timer.lap("bbox")
@@ -207,8 +207,7 @@ class SPPDetector:
             win = self.embedder.windows(maps, boxes[ok], name="regressed boxes")
             d = self.predictor.deltas(self._regression_input(self.embedder.pool5_windows(maps, win)).double(),
                                       labels[ok])
-            start = self._references(maps, win) if self.window_reference else boxes[ok]
-            boxes[ok] = self.predictor.refine(start, d, labels[ok])
+            boxes[ok] = self.predictor.refine(self._regression_starts(maps, win, boxes[ok]), d, labels[ok])
         return boxes
 
     @property
@@ -217,9 +216,10 @@ class SPPDetector:
         window) rather than to the proposals."""
         return regression_reference(self.cfg) == "window"
 
-    def _references(self, maps, windows: np.ndarray) -> np.ndarray:
-        """float32 [N, 4]: the boxes that `windows()` rows cover, the regressors' starting boxes."""
-        return self.embedder.window_boxes(maps, windows).astype(np.float32)
+    def _regression_starts(self, maps, windows: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+        """The boxes the regressors' deltas move, one per `windows()` row: the boxes those windows
+        cover (float32) with the window reference, else `boxes` themselves."""
+        return self.embedder.window_boxes(maps, windows).astype(np.float32) if self.window_reference else boxes
 
     def _regression_input(self, pool5: torch.Tensor, embedded: Optional[torch.Tensor] = None) -> torch.Tensor:
         """What the box regressors read of these windows: pool5 itself, or fc7 after ReLU (taken
