@@ -44,6 +44,16 @@ def params_digest(params: Mapping[str, Any], length: int = 12) -> str:
     return hashlib.sha1(blob).hexdigest()[:length]
 
 
+def arrays_digest(arrays: Mapping[str, np.ndarray], length: int = 16) -> str:
+    """Digest of named arrays' names, dtypes, shapes and bytes (trained weights as a cache key)."""
+    h = hashlib.sha256()
+    for k in sorted(arrays):
+        a = np.ascontiguousarray(arrays[k])
+        h.update(f"{k}:{a.dtype.str}:{a.shape};".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()[:length]
+
+
 def current_umask() -> int:
     """The process umask, read without changing it where the OS allows (Linux), else set and restored."""
     try:

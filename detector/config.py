@@ -106,6 +106,12 @@ class FinetuneConfig:
     weight_decay: float = 5e-4
     flip: bool = True
     checkpoint_every: int = 500
+    # 0: frozen trunk, every batch pooled from cached maps (the paper's section 4.1).  k: the
+    # trunk's last k blocks train too, on image-centric batches (Fast R-CNN's): images_per_batch
+    # images, batch_size / images_per_batch windows each; docs/design.md, "Fine-tuning the trunk"
+    trunk_trainable_blocks: int = 0
+    trunk_lr_mult: float = 1.0  # the blocks' learning rate relative to lr (Fast R-CNN: the same)
+    images_per_batch: int = 2
 
 
 @dataclass
@@ -428,6 +434,13 @@ def validate(cfg: Config) -> None:
     _check(0 <= ft.bg_iou_lo < ft.fg_iou <= 1, f"finetune: need 0 <= bg_iou_lo < fg_iou <= 1, got "
                                                f"{ft.bg_iou_lo} and {ft.fg_iou}")
     _check(all(isinstance(v, int) for v in ft.lr_steps), f"finetune.lr_steps must be integers, got {ft.lr_steps}")
+    _check(isinstance(ft.trunk_trainable_blocks, int) and ft.trunk_trainable_blocks >= 0 and ft.trunk_lr_mult >= 0,
+           f"finetune.trunk_trainable_blocks must be >= 0 (0: frozen trunk) and trunk_lr_mult >= 0, got "
+           f"{ft.trunk_trainable_blocks} and {ft.trunk_lr_mult}")
+    _check(isinstance(ft.images_per_batch, int) and 1 <= ft.images_per_batch <= ft.batch_size,
+           f"finetune.images_per_batch must be in [1, batch_size], got {ft.images_per_batch}")
+    _check(ft.trunk_trainable_blocks == 0 or ft.enabled,
+           "finetune.trunk_trainable_blocks trains the last blocks with the fc layers: it needs finetune.enabled=true")
     _check(s.layer in ("fc7", "fc6", "pool5"), f"svm.layer must be fc7, fc6 or pool5, got {s.layer!r}")
     _check(ft.enabled or s.layer == "pool5", "finetune.enabled=false needs svm.layer=pool5 "
                                              "(without fine-tuning there are no fc layers to read)")

@@ -87,3 +87,33 @@ def test_the_rpn_stage_exists_only_with_learned_proposals_and_mirror_maps_follow
     assert not mirror_maps(load_config(None, no_ft_flip))
     assert mirror_maps(load_config(None, no_ft_flip + ["proposals.method=rpn"]))
     assert not mirror_maps(load_config(None, no_ft_flip + ["proposals.method=rpn", "rpn.flip=false"]))
+
+
+@pytest.mark.parametrize("item", ["finetune.trunk_lr_mult=0.1", "finetune.images_per_batch=4"])
+def test_trunk_block_settings_change_nothing_while_the_trunk_is_frozen(item):
+    assert changed(item) == {"model"}  # only the model file, which embeds the config
+
+
+def test_fine_tuned_trunk_blocks_reach_the_regression_rows_too():
+    # pool5 of the SVM and the regression rows is then read from the fine-tuned blocks' maps
+    assert changed("finetune.trunk_trainable_blocks=1") == {"finetune", "svm_rows", "svm", "bbox_rows", "bbox",
+                                                            "model"}
+    a = digests("finetune.trunk_trainable_blocks=1")
+    b = digests("finetune.trunk_trainable_blocks=1", "finetune.trunk_lr_mult=0.1")
+    assert {k for k in a if a[k] != b[k]} == {"finetune", "svm_rows", "svm", "bbox_rows", "bbox", "model"}
+
+
+def test_the_refit_proposal_head_sits_between_fine_tuning_and_the_rows():
+    both = ("proposals.method=rpn", "finetune.trunk_trainable_blocks=1")
+    assert digests("proposals.method=rpn")["rpn_refit"] == "-"
+    assert digests("finetune.trunk_trainable_blocks=1")["rpn_refit"] == "-"
+    a, b = digests(*both), digests(*both, "finetune.lr=0.01")
+    assert {k for k in a if a[k] != b[k]} == {"finetune", "rpn_refit", "svm_rows", "svm", "bbox_rows", "bbox", "model"}
+    c = digests(*both, "rpn.train_top_n=500")  # the proposals the later stages read
+    assert {k for k in a if a[k] != c[k]} >= {"rpn_refit", "svm_rows", "bbox_rows"}
+    from detector.config import load_config
+    from detector.detection.train.stages import STAGES
+
+    applies = {s.name: s.applies(load_config(None, list(both))) for s in STAGES}
+    assert applies["rpn_refit"] and not STAGES[STAGE_NAMES.index("rpn_refit")].applies(load_config(None))
+    assert STAGE_NAMES.index("finetune") < STAGE_NAMES.index("rpn_refit") < STAGE_NAMES.index("svm")

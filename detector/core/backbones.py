@@ -348,7 +348,8 @@ def build_backbone(cfg, pretrained: bool = True) -> Backbone:
     return bb
 
 
-def split_trunk(backbone: Backbone, trainable_blocks: int) -> tuple[Backbone, Optional[nn.Module]]:
+def split_trunk(backbone: Backbone, trainable_blocks: int,
+                setting: str = "classifier.trunk_trainable_blocks") -> tuple[Backbone, Optional[nn.Module]]:
     """(frozen part, trainable last blocks) of a trunk, for fine-tuning its last blocks.
 
     The frozen part is a Backbone of its own (its conv maps are what gets cached) that
@@ -359,11 +360,11 @@ def split_trunk(backbone: Backbone, trainable_blocks: int) -> tuple[Backbone, Op
     if trainable_blocks == 0:
         return backbone, None
     if not isinstance(backbone.trunk, nn.Sequential):
-        raise ConfigError(f"classifier.trunk_trainable_blocks needs a trunk made of blocks (nn.Sequential); "
+        raise ConfigError(f"{setting} needs a trunk made of blocks (nn.Sequential); "
                           f"{backbone.name}'s is not: use 0")
     blocks = list(backbone.trunk.children())
     if trainable_blocks >= len(blocks):
-        raise ConfigError(f"classifier.trunk_trainable_blocks is {trainable_blocks}, but {backbone.name}'s trunk "
+        raise ConfigError(f"{setting} is {trainable_blocks}, but {backbone.name}'s trunk "
                           f"has {len(blocks)} blocks; at most {len(blocks) - 1} can be fine-tuned")
     frozen = nn.Sequential(*blocks[:-trainable_blocks]).eval()
     stride, offset = geometry_from_layers(m for n, m in frozen.named_modules() if "downsample" not in n)

@@ -79,6 +79,28 @@ class FeatureCache:
         return feats
 
 
+class TailExtractor:
+    """The whole trunk's maps from a cache of its first blocks' maps: `tail` (the last blocks,
+    fine-tuned with the fc layers) run on each cached map.  Stands in for a FeatureExtractor
+    behind a FeatureCache, so the maps of a trunk whose last blocks were fine-tuned are cached
+    too, keyed by the first blocks' cache and `tail_id` (what trained the blocks), at the cost
+    of the last blocks alone."""
+
+    def __init__(self, first: FeatureCache, tail: torch.nn.Module, tail_id: str):
+        self.first, self.tail, self.tail_id = first, tail, str(tail_id)
+        self.scales = first.extractor.scales
+        self.device = first.extractor.device
+
+    @torch.inference_mode()
+    def __call__(self, image_path: str, flip: bool = False) -> list[ScaleFeatures]:
+        self.tail.eval()
+        return [ScaleFeatures(sf.scale, sf.factor, self.tail(sf.features.to(self.device).float()[None])[0],
+                              sf.image_size) for sf in self.first.get(image_path, flip)]
+
+    def cache_params(self) -> dict:
+        return {"first_blocks": self.first.key, "tail": self.tail_id}
+
+
 class MapMemory:
     """Conv maps held in RAM for training, up to `budget_mb`; the least recently used go first.
 

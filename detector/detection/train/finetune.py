@@ -11,6 +11,13 @@ Augmentation:
   map: conv features are not mirror-symmetric), with its box mirrored;
 - scale: in multi-scale mode each window is pooled at a random scale.
 
+With the trunk's last blocks trainable (`finetune.trunk_trainable_blocks: k`) the cache
+holds the maps of the blocks before them, and batches are image-centric, as in Fast R-CNN:
+`images_per_batch` images drawn uniformly, `batch_size / images_per_batch` windows from each
+(the same foreground fraction, fewer foreground windows only when an image has fewer), one
+flip and one scale per image, so each iteration runs the blocks forward and back once per
+image.  Drawn across all images, a 128-window batch would touch ~128 maps per step.
+
 With a box layer (`bbox.method: finetune`, Fast R-CNN's multi-task loss) the foreground
 windows also learn their matched box: smooth L1 (beta 1) on their own class's four deltas,
 normalised by BOX_LAYER_STDS, summed and divided by the batch size, times `bbox.loss_weight`.
@@ -115,6 +122,38 @@ def stacked_pooler(embedder: WindowEmbedder, images: Sequence[TrainImage], maps:
     return pool
 
 
+def tail_pooler(embedder: WindowEmbedder, images: Sequence[TrainImage], get_features: FeatureGetter):
+    """pool(pairs, flips, scales, tail): scaled pool5 of (image, row) pairs through the trainable
+    last blocks `tail`, run once per (image, flip, scale) of the batch on the cached maps of the
+    blocks before them; differentiable in the blocks' weights (SPP by roi_pool)."""
+
+    def pool(pairs: np.ndarray, flips: np.ndarray, scales: Optional[np.ndarray], tail: nn.Module) -> torch.Tensor:
+        s = np.zeros(len(pairs), np.int64) if scales is None else np.asarray(scales, np.int64)
+        keys = np.stack([pairs[:, 0], flips.astype(np.int64), s], 1)
+        parts, order = [], []
+        for i, flip, k in np.unique(keys, axis=0):
+            sel = np.flatnonzero((keys == (i, flip, k)).all(1))
+            im = images[int(i)]
+            sf = get_features(int(i), bool(flip))[int(k)]
+            f = sf.features.float()
+            if f.is_inference():  # maps made under inference_mode (FeatureExtractor's) cannot enter autograd
+                f = f.clone()
+            x = tail(f[None])[0]
+            boxes = im.windows.boxes[pairs[sel, 1]]
+            if flip:
+                boxes = mirror_boxes(boxes, im.width)
+            parts.append(embedder.pool5([ScaleFeatures(sf.scale, sf.factor, x, sf.image_size)], boxes,
+                                        np.zeros(len(sel), np.int64), name=f"windows of {im.path}"))
+            order.append(sel)
+        if not parts:
+            return torch.zeros((0, embedder.pool5_dim))
+        inverse = np.empty(len(pairs), np.int64)
+        inverse[np.concatenate(order)] = np.arange(len(pairs))
+        return torch.cat(parts)[torch.from_numpy(inverse).to(parts[0].device)]
+
+    return pool
+
+
 def pool5_sample(images: Sequence[TrainImage], get_features: FeatureGetter, samples: int = 2000,
                  seed: int = 0) -> Callable[[WindowEmbedder], torch.Tensor]:
     """What `WindowEmbedder.fit_pool5_scale` estimates pool5's constant from: `samples` windows
@@ -128,27 +167,33 @@ def pool5_sample(images: Sequence[TrainImage], get_features: FeatureGetter, samp
 
 
 def _save_checkpoint(path: Path, head: FCHead, box: Optional[nn.Linear], opt: torch.optim.Optimizer, it: int,
-                     rng: np.random.Generator) -> None:
+                     rng: np.random.Generator, tail: Optional[nn.Module] = None) -> None:
     if world().main:  # every rank holds the same state; one file
         state = {"iteration": it, "head": head.state_dict(), "optimizer": opt.state_dict(),
                  "rng": rng.bit_generator.state}
         if box is not None:
             state["box"] = box.state_dict()
+        if tail is not None:
+            state["tail"] = tail.state_dict()
         save_checkpoint(path, state)
 
 
 def _resume(checkpoint: Optional[Path], head: FCHead, box: Optional[nn.Linear], opt: torch.optim.Optimizer,
-            rng: np.random.Generator) -> int:
+            rng: np.random.Generator, tail: Optional[nn.Module] = None) -> int:
     state = None if checkpoint is None else load_checkpoint(checkpoint)
     if state is None:
         return 0
-    if (box is not None) != ("box" in state):
-        log.warning("fine-tuning: %s was written %s a box layer; starting again", checkpoint,
-                    "without" if box is not None else "with")
-        return 0
+    for name, part in (("a box layer", box), ("trainable trunk blocks", tail)):
+        key = "box" if part is box else "tail"
+        if (part is not None) != (key in state):
+            log.warning("fine-tuning: %s was written %s %s; starting again", checkpoint,
+                        "without" if part is not None else "with", name)
+            return 0
     head.load_state_dict(state["head"])
     if box is not None:
         box.load_state_dict(state["box"])
+    if tail is not None:
+        tail.load_state_dict(state["tail"])
     opt.load_state_dict(state["optimizer"])
     rng.bit_generator.state = state["rng"]
     log.info("fine-tuning: resuming from iteration %d (%s)", int(state["iteration"]), checkpoint)
@@ -223,6 +268,59 @@ def draw_batch(rng: np.random.Generator, pools: WindowPools, fc: FinetuneConfig,
     return Batch(pairs, labels, flips, scales, targets)
 
 
+def draw_image_batch(rng: np.random.Generator, pools: WindowPools, by_image: list, fc: FinetuneConfig,
+                     n_scales: int) -> Batch:
+    """Fast R-CNN's hierarchical batch: fc.images_per_batch images drawn uniformly (without
+    replacement when there are enough), then from each its share of fc.batch_size windows:
+    round(share x fg_fraction) foreground ones without replacement (all of them when it has
+    fewer), the rest background (without replacement when it has enough; with none, foreground
+    again).  One flip and one scale per image: the trainable blocks run once per image.
+    `by_image`: `image_pool_rows(pools, n_images)`."""
+    usable = np.flatnonzero([len(f) + len(b) > 0 for f, b in by_image])
+    n_img = fc.images_per_batch
+    picked = rng.choice(usable, size=n_img, replace=len(usable) < n_img)
+    shares = np.full(n_img, fc.batch_size // n_img)
+    shares[: fc.batch_size % n_img] += 1
+    pairs, labels, targets, at = [], [], [], []
+    for k, (i, share) in enumerate(zip(picked, shares)):  # image by image: a rank's slice of rows holds few images
+        f, b = by_image[i]
+        n_fg = min(len(f), int(round(share * fc.fg_fraction)))
+        fg = rng.choice(f, size=n_fg, replace=False) if n_fg else f[:0]
+        n_bg = share - n_fg
+        if len(b):
+            bg = rng.choice(b, size=n_bg, replace=len(b) < n_bg)
+        else:  # an image with no background windows: more of its foreground ones
+            fg = np.concatenate([fg, rng.choice(f, size=n_bg, replace=True)])
+            bg = b[:0]
+        pairs += [pools.fg[fg], pools.bg[bg]]
+        labels += [pools.fg_labels[fg], np.zeros(len(bg), np.int64)]
+        if pools.fg_targets is not None:
+            targets += [pools.fg_targets[fg], np.zeros((len(bg), 4), np.float32)]
+        at.append(np.full(share, k))
+    at = np.concatenate(at)
+    image_flip = rng.random(n_img) < 0.5 if fc.flip else np.zeros(n_img, bool)
+    image_scale = rng.integers(0, n_scales, n_img) if n_scales > 1 else None
+    flips = image_flip[at]
+    scales = None if image_scale is None else image_scale[at]
+    t = None
+    if targets:
+        t = np.concatenate(targets).astype(np.float32)
+        t[:, 0] *= np.where(flips, -1.0, 1.0)  # the mirrored window's centre moves the other way
+    # an image drawn twice (fewer images than images_per_batch) gets two flips or scales: two groups
+    pairs = np.concatenate(pairs).astype(np.int64)
+    return Batch(pairs, np.concatenate(labels), flips, scales, t)
+
+
+def image_pool_rows(pools: WindowPools, n_images: int) -> list:
+    """[(rows of pools.fg, rows of pools.bg)] of each image: where `draw_image_batch` draws from."""
+    def split(pairs: np.ndarray) -> list:
+        order = np.argsort(pairs[:, 0], kind="stable")
+        edges = np.searchsorted(pairs[order, 0], np.arange(n_images + 1))
+        return [order[edges[i]:edges[i + 1]] for i in range(n_images)]
+
+    return list(zip(split(pools.fg), split(pools.bg)))
+
+
 def box_loss(deltas: torch.Tensor, labels: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Summed smooth L1 (beta 1, Fast R-CNN's) of the foreground rows' own-class deltas.
     deltas [N, 4K] (K classes, no background), labels [N] (0: background, 1 + class), targets [N, 4]."""
@@ -232,6 +330,29 @@ def box_loss(deltas: torch.Tensor, labels: torch.Tensor, targets: torch.Tensor) 
     k = labels[fg] - 1
     cols = (4 * k)[:, None] + torch.arange(4, device=deltas.device)
     return F.smooth_l1_loss(deltas[fg[:, None], cols], targets[fg], beta=1.0, reduction="sum")
+
+
+class _WithTail(nn.Module):
+    """The trainable last blocks of the trunk, the fc layers and the box layer (if any) as one
+    module: forward takes the batch's (image, row) pairs, runs the blocks on the cached maps,
+    pools and classifies.  The blocks stay in eval mode (batch norm keeps its ImageNet
+    statistics: one or two images make no batch to estimate them from)."""
+
+    def __init__(self, head: FCHead, box: Optional[nn.Linear], tail: nn.Module, pool):
+        super().__init__()
+        self.head, self.box, self.tail, self._pool = head, box, tail, pool
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.tail.eval()
+        return self
+
+    def forward(self, pairs: np.ndarray, flips: np.ndarray, scales: Optional[np.ndarray], masks: tuple):
+        v = self._pool(pairs, flips, scales, self.tail)
+        if self.box is None:
+            return self.head(v, masks)
+        logits, fc7 = self.head(v, masks, with_fc7=True)
+        return logits, self.box(fc7)
 
 
 class _WithBox(nn.Module):
@@ -248,7 +369,7 @@ class _WithBox(nn.Module):
 
 def finetune(head: FCHead, images: Sequence[TrainImage], pool: PairPooler, fc: FinetuneConfig, n_scales: int,
              seed: int = 0, checkpoint: Optional[Path] = None, progress: bool = True,
-             box: Optional[nn.Linear] = None, box_weight: float = 1.0) -> dict:
+             box: Optional[nn.Linear] = None, box_weight: float = 1.0, tail: Optional[nn.Module] = None) -> dict:
     """Train `head` in place on the training windows; returns a summary (iterations, final
     loss and accuracy).  `pool(pairs, flips, scale_index)` gives the scaled pool5 of (image,
     row) pairs: SPP from cached maps in training (`pool_pairs`); a benchmark may pass another
@@ -261,20 +382,30 @@ def finetune(head: FCHead, images: Sequence[TrainImage], pool: PairPooler, fc: F
     one process or several take the same steps, up to floating-point order.
 
     box: a box layer on fc7 (`bbox_regression.box_layer`) trained beside fc8 with the smooth-L1
-    loss times `box_weight` (see the module docstring); None: the softmax loss alone."""
+    loss times `box_weight` (see the module docstring); None: the softmax loss alone.
+
+    tail: the trunk's last blocks, trained too (lr x fc.trunk_lr_mult) on image-centric
+    batches; `pool` is then `tail_pooler`'s, called with the blocks."""
     w = world()
     if w.size > fc.batch_size:
         raise ConfigError(f"finetune.batch_size ({fc.batch_size}) is smaller than the number of processes ({w.size})")
     pools = window_pools(images, fc, box_targets=box is not None)
-    model = head if box is None else _WithBox(head, box)
-    params = list(model.parameters())
+    if tail is None:
+        model = head if box is None else _WithBox(head, box)
+        groups = [{"params": list(model.parameters())}]
+    else:
+        model = _WithTail(head, box, tail, pool)
+        by_image = image_pool_rows(pools, len(images))
+        fc_params = list(head.parameters()) + ([] if box is None else list(box.parameters()))
+        groups = [{"params": fc_params, "lr_mult": 1.0},
+                  {"params": [p.requires_grad_(True) for p in tail.parameters()], "lr_mult": fc.trunk_lr_mult}]
     if w.distributed:
         from torch.nn.parallel import DistributedDataParallel
 
         model = DistributedDataParallel(model)
-    opt = torch.optim.SGD(params, lr=fc.lr, momentum=fc.momentum, weight_decay=fc.weight_decay)
+    opt = torch.optim.SGD(groups, lr=fc.lr, momentum=fc.momentum, weight_decay=fc.weight_decay)
     rng = np.random.default_rng(seed)
-    start = _resume(checkpoint, head, box, opt, rng)
+    start = _resume(checkpoint, head, box, opt, rng, tail)
     mine = np.array_split(np.arange(fc.batch_size), w.size)[w.rank]  # this rank's batch rows
     device = next(head.parameters()).device
     model.train()
@@ -284,12 +415,17 @@ def finetune(head: FCHead, images: Sequence[TrainImage], pool: PairPooler, fc: F
     for it in bar:
         lr = fc.lr * (0.1 ** sum(it >= s for s in fc.lr_steps))
         for g in opt.param_groups:
-            g["lr"] = lr
-        b = draw_batch(rng, pools, fc, n_scales)
+            g["lr"] = lr * g.get("lr_mult", 1.0)
+        b = draw_batch(rng, pools, fc, n_scales) if tail is None else draw_image_batch(rng, pools, by_image, fc,
+                                                                                        n_scales)
         labels = torch.from_numpy(b.labels[mine]).to(device)
         masks = head.dropout_masks(fc.batch_size, torch.Generator().manual_seed(seed * 1_000_003 + it))
-        v = pool(b.pairs[mine], b.flips[mine], None if b.scales is None else b.scales[mine])
-        out = model(v, tuple(m[torch.from_numpy(mine)].to(device) for m in masks))
+        masks = tuple(m[torch.from_numpy(mine)].to(device) for m in masks)
+        scales = None if b.scales is None else b.scales[mine]
+        if tail is None:
+            out = model(pool(b.pairs[mine], b.flips[mine], scales), masks)
+        else:
+            out = model(b.pairs[mine], b.flips[mine], scales, masks)
         logits = out if box is None else out[0]
         ce = F.cross_entropy(logits, labels, reduction="sum")
         loss = ce
@@ -307,9 +443,9 @@ def finetune(head: FCHead, images: Sequence[TrainImage], pool: PairPooler, fc: F
             bar.set_postfix(loss=f"{np.mean(losses[-50:]):.3f}", acc=f"{np.mean(accs[-50:]):.3f}", **extra,
                             lr=f"{lr:g}")
         if checkpoint is not None and (it + 1) % fc.checkpoint_every == 0:
-            _save_checkpoint(Path(checkpoint), head, box, opt, it + 1, rng)
+            _save_checkpoint(Path(checkpoint), head, box, opt, it + 1, rng, tail)
     if checkpoint is not None:
-        _save_checkpoint(Path(checkpoint), head, box, opt, fc.iterations, rng)
+        _save_checkpoint(Path(checkpoint), head, box, opt, fc.iterations, rng, tail)
     head.eval()
     if box is not None:
         box.eval()

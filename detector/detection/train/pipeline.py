@@ -22,9 +22,10 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from detector.core.backbones import Backbone, build_backbone
+from detector.core.backbones import Backbone, build_backbone, split_trunk
 from detector.detection.bbox_regression import BoxRegressor, box_layer, train_box_regressors
-from detector.cache import atomic_save_npz, atomic_write_text, file_digest, load_npz, make_dir, params_digest
+from detector.cache import (arrays_digest, atomic_save_npz, atomic_write_text, file_digest, load_npz, make_dir,
+                            params_digest)
 from detector.config import Config, box_layer_trained, regression_reference
 from detector.datasets import load_dataset
 from detector.datasets.records import Dataset
@@ -32,9 +33,10 @@ from detector.core.embedder import StackedMaps, WindowEmbedder
 from detector.errors import CacheError, DatasetError
 from detector.distributed import (all_gather, all_local_cores, barrier, broadcast, check_same_config,
                                   check_shared_folder, fault_point, log_shard, shard, world)
-from detector.core.feature_cache import FeatureCache, MapMemory, extract_all
+from detector.core.feature_cache import FeatureCache, MapMemory, TailExtractor, extract_all
 from detector.core.features import FeatureExtractor
-from detector.detection.train.finetune import TrainImage, finetune, pool5_sample, pool_pairs, stacked_pooler
+from detector.detection.train.finetune import (TrainImage, finetune, pool5_sample, pool_pairs, stacked_pooler,
+                                               tail_pooler)
 from detector.core.heads import FCHead
 from detector.proposals.files import dataset_proposals
 from detector.detection.matching import match_windows
@@ -79,10 +81,21 @@ class TrainRun:
     proposals_file: Optional[str] = None  # published proposals instead of selective search
     rpn: Optional[object] = None  # the learned proposals' head (proposals.method: rpn)
     box: Optional[torch.nn.Linear] = None  # the box layer fine-tuned with the fc layers (bbox.method: finetune)
+    # The trunk's last blocks, fine-tuned with the fc layers (finetune.trunk_trainable_blocks > 0).  Then
+    # `first_cache` holds the maps of the blocks before them (what the features stage computes and
+    # fine-tuning reads), and `fcache` the whole trunk's, computed from those by the pretrained blocks
+    # until fine-tuning ends and by the fine-tuned ones after.  Without: both are the same cache.
+    tail: Optional[torch.nn.Module] = None
+    first_cache: Optional[FeatureCache] = None
+    first_maps: Optional[MapMemory] = None
 
     def features(self, i: int, flip: bool):
         """Image i's conv maps (of its mirror image if flip), from RAM or the feature cache."""
         return self.maps.get(self.ds.records[i].path, flip)
+
+    def first_features(self, i: int, flip: bool):
+        """Image i's maps of the trunk's blocks before the fine-tuned ones."""
+        return self.first_maps.get(self.ds.records[i].path, flip)
 
     def forget(self, i: int) -> None:
         self.maps.forget(self.ds.records[i].path)
@@ -149,6 +162,50 @@ def learned_proposals(r: TrainRun) -> dict:
     return {k: v for part in all_gather(mine) for k, v in part.items()}
 
 
+def _matched_images(r: TrainRun, props: dict) -> list:
+    """A TrainImage per record: its proposals matched to its ground-truth boxes."""
+    images, empty = [], 0
+    for rec in r.ds:
+        boxes = props.get(rec.image_id)
+        if boxes is None or len(boxes) == 0:
+            empty += 1
+            boxes = np.zeros((0, 4), np.float32)
+        images.append(TrainImage(rec.path, rec.width, rec.height,
+                                 match_windows(rec.boxes, rec.labels, boxes, len(r.ds.class_names))))
+    if empty:
+        log.warning("%d training images have no proposals; only their ground-truth boxes are used", empty)
+    return images
+
+
+def run_rpn_refit(r: TrainRun) -> dict:
+    """Learned proposals with fine-tuned trunk blocks (Faster R-CNN's alternating training, its
+    third step): the head, trained before fine-tuning on the pretrained trunk's maps, trained
+    again from there on the fine-tuned trunk's, the maps it reads at test time; then the training
+    images' proposals again, from it, for the SVMs and box regression (the fourth step)."""
+    from detector.proposals import rpn as R
+
+    info = {}
+    if world().main:
+        head = copy.deepcopy(r.rpn)
+        info = R.train_rpn(head, r.features, [rec.boxes for rec in r.ds], R.train_config(r.cfg.rpn), r.cfg.seed,
+                           r.run / f"rpn_refit_ckpt_{r.digests['rpn_refit']}.pt", r.progress)
+        info["train_seconds"] = info.pop("seconds")
+        atomic_save_npz(r.run / "rpn_refit.npz", **R.to_npz_arrays(head))
+    barrier()
+    reuse_rpn_refit(r)
+    return info
+
+
+def reuse_rpn_refit(r: TrainRun) -> None:
+    from detector.proposals import rpn as R
+
+    z = load_npz(r.run / "rpn_refit.npz")
+    if z is None:
+        raise CacheError(f"{r.run / 'rpn_refit.npz'} is unreadable; delete it and run again")
+    r.rpn = R.from_npz_arrays(z, R.proposal_settings(r.cfg.rpn)).to(r.fcache.extractor.device)
+    r.images = _matched_images(r, learned_proposals(r))  # cheap: one head pass per image
+
+
 def run_proposals(r: TrainRun) -> dict:
     computed = cached = 0
     if r.proposals_file is not None:
@@ -161,29 +218,20 @@ def run_proposals(r: TrainRun) -> dict:
 
         props = sharded_proposals(r.ds.records, r.cache / "proposals", r.cfg.proposals, progress=r.progress)
         computed, cached = props.computed, props.cached
-    empty = 0
-    for rec in r.ds:
-        boxes = props.get(rec.image_id)
-        if boxes is None or len(boxes) == 0:
-            empty += 1
-            boxes = np.zeros((0, 4), np.float32)
-        r.images.append(TrainImage(rec.path, rec.width, rec.height,
-                                   match_windows(rec.boxes, rec.labels, boxes, len(r.ds.class_names))))
-    if empty:
-        log.warning("%d training images have no proposals; only their ground-truth boxes are used", empty)
+    r.images = _matched_images(r, props)
     return {"boxes_per_image": float(np.mean([len(v) for v in props.values()])) if props else 0.0,
             "computed": computed, "cached": cached, "file": r.proposals_file}
 
 
 def run_features(r: TrainRun) -> dict:
     flips = (False, True) if mirror_maps(r.cfg) else (False,)
-    stats = extract_all([r.ds.records[i].path for i in r.my_images("features")], r.fcache, progress=r.progress,
-                        flips=flips)
+    stats = extract_all([r.ds.records[i].path for i in r.my_images("features")], r.first_cache,
+                        progress=r.progress, flips=flips)
     failed = [f for part in all_gather(stats["failed"]) for f in part]
     if failed:
         path, why = failed[0]
         raise DatasetError(f"{len(failed)} training images are unreadable, e.g. {path}: {why}")
-    return {"cache": str(r.fcache.dir), "computed": stats["computed"], "cached": stats["cached"]}
+    return {"cache": str(r.first_cache.dir), "computed": stats["computed"], "cached": stats["cached"]}
 
 
 def _head(r: TrainRun) -> FCHead:
@@ -212,6 +260,23 @@ def _pooler(r: TrainRun):
     return pool
 
 
+def _use_tuned_trunk(r: TrainRun) -> None:
+    """After fine-tuning the last blocks: later stages read the whole trunk's maps, cached under
+    the first blocks' cache and the blocks' weights; the model file gets the same id."""
+    tuned = arrays_digest({k: v.detach().cpu().numpy() for k, v in r.tail.state_dict().items()})
+    r.backbone.weights_id = f"{r.backbone.weights_id}+finetuned:{tuned}"
+    _whole_trunk_maps(r, r.tail)
+    r.first_maps.clear()  # fine-tuning was their only reader
+
+
+def _whole_trunk_maps(r: TrainRun, tail: torch.nn.Module) -> None:
+    """`fcache` and `maps`: the whole trunk's maps, the last blocks `tail` run on the first blocks'
+    cached maps, cached under the backbone's current weights id."""
+    r.fcache = FeatureCache(r.cache / "features", TailExtractor(r.first_cache, tail, r.backbone.weights_id),
+                            r.cfg.features.cache_dtype)
+    r.maps = MapMemory(r.fcache, r.cfg.features.ram_cache_mb, r.fcache.extractor.device)
+
+
 def run_finetune(r: TrainRun) -> dict:
     cfg = r.cfg
     head = _head(r) if cfg.finetune.enabled else None
@@ -225,16 +290,21 @@ def run_finetune(r: TrainRun) -> dict:
         ckpt = r.run / f"finetune_ckpt_{r.digests['finetune']}.pt"
         r.box = box_layer(cfg.finetune.fc_dims[1], len(r.ds.class_names)).to(r.fcache.extractor.device) \
             if box_layer_trained(cfg) else None
-        info.update(finetune(head, r.images, _pooler(r), cfg.finetune, len(cfg.features.scales), cfg.seed, ckpt,
-                             r.progress, box=r.box, box_weight=cfg.bbox.loss_weight))
+        pool = _pooler(r) if r.tail is None else tail_pooler(r.embedder, r.images, r.first_features)
+        info.update(finetune(head, r.images, pool, cfg.finetune, len(cfg.features.scales), cfg.seed, ckpt,
+                             r.progress, box=r.box, box_weight=cfg.bbox.loss_weight, tail=r.tail))
         if world().main:
             print(f"fine-tuning: {info}")
         arrays.update({f"head.{k}": v.cpu().numpy() for k, v in head.state_dict().items()})
         if r.box is not None:
             arrays.update({f"box.{k}": v.detach().cpu().numpy() for k, v in r.box.state_dict().items()})
+        if r.tail is not None:
+            arrays.update({f"tail.{k}": v.detach().cpu().numpy() for k, v in r.tail.state_dict().items()})
     if world().main:
         atomic_save_npz(r.run / "finetune.npz", **arrays)
     barrier()
+    if r.tail is not None:
+        _use_tuned_trunk(r)
     return info
 
 
@@ -253,6 +323,14 @@ def reuse_finetune(r: TrainRun) -> None:
                 raise CacheError(f"{r.run / 'finetune.npz'} has no box layer; delete it and run again")
             r.box = box_layer(r.cfg.finetune.fc_dims[1], len(r.ds.class_names))
             r.box.load_state_dict({k: torch.from_numpy(z[f"box.{k}"]) for k in ("weight", "bias")})
+    if r.tail is not None:
+        keys = set(r.tail.state_dict())
+        if {k[5:] for k in z if k.startswith("tail.")} != keys:
+            raise CacheError(f"{r.run / 'finetune.npz'} does not hold the fine-tuned trunk blocks; delete it and "
+                             "run again")
+        device = next(r.tail.parameters()).device
+        r.tail.load_state_dict({k: torch.from_numpy(z[f"tail.{k}"]).to(device) for k in keys})
+        _use_tuned_trunk(r)
     r.embedder = WindowEmbedder.from_config(r.cfg, r.backbone, head, pool5_scale=float(z["pool5_scale"]))
 
 
@@ -370,6 +448,7 @@ STEPS = {
     "rpn": Step(run_rpn, reuse_rpn),
     "proposals": Step(run_proposals),
     "finetune": Step(run_finetune, reuse_finetune),
+    "rpn_refit": Step(run_rpn_refit, reuse_rpn_refit),
     "svm": Step(run_svm),
     "bbox": Step(run_bbox),
     "model": Step(run_model),
@@ -395,15 +474,22 @@ def prepare(dataset: str, run_dir: str, cfg: Config, train_split: str = "trainva
     r = TrainRun(cfg, run, Path(cache_root), ds, progress and w.main, StageRecords(run))
     torch.manual_seed(cfg.seed)  # before the backbone: building it draws from the generator, then the fc init does
     r.backbone = build_backbone(cfg.backbone)
-    extractor = FeatureExtractor(r.backbone, cfg.features.scales, cfg.features.max_size, cfg.features.device,
+    # with trainable last blocks, the cache holds the maps of the blocks before them
+    first, r.tail = split_trunk(r.backbone, cfg.finetune.trunk_trainable_blocks, "finetune.trunk_trainable_blocks")
+    extractor = FeatureExtractor(first, cfg.features.scales, cfg.features.max_size, cfg.features.device,
                                  channels_last=cfg.features.channels_last, max_upscale=cfg.features.max_upscale)
-    r.fcache = FeatureCache(r.cache / "features", extractor, cfg.features.cache_dtype)
+    r.first_cache = r.fcache = FeatureCache(r.cache / "features", extractor, cfg.features.cache_dtype)
     r.maps = MapMemory(r.fcache, cfg.features.ram_cache_mb, extractor.device)
+    if r.tail is not None:
+        r.tail.to(extractor.device).eval()
+        r.first_maps = r.maps
+        # a copy: the pretrained blocks' maps must not change when fine-tuning changes `tail`
+        _whole_trunk_maps(r, copy.deepcopy(r.tail))
     if proposals_file is not None:
         if not Path(proposals_file).is_file():
             raise FileNotFoundError(f"proposals file not found: {proposals_file}")
         r.proposals_file = str(proposals_file)
-    r.digests = stage_digests(cfg, data_digest(ds), r.fcache.key,
+    r.digests = stage_digests(cfg, data_digest(ds), r.first_cache.key,
                               file_digest(proposals_file) if proposals_file else None)
     barrier()  # every rank has read stages.json before rank 0 writes it again
     return r

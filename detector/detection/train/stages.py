@@ -18,9 +18,13 @@ the stages it reads from, so a change propagates downstream and nowhere else:
                of a proposals file
     finetune   "base" (data, proposals, feature key, levels, projection, scale rule, seed,
                target norm: everything pool5 depends on) + finetune settings (not
-               `checkpoint_every`) + the box loss's weight when bbox.method is finetune
-    svm        finetune + svm settings
-    bbox       base + the ridge settings; or finetune (bbox.method: finetune)
+               `checkpoint_every`; the trunk blocks' only when some train) + the box loss's
+               weight when bbox.method is finetune
+    rpn_refit  (learned proposals and fine-tuned trunk blocks) finetune + the proposal settings
+    svm        finetune (+ rpn_refit) + svm settings
+    bbox       base + the ridge settings (+ finetune, or rpn_refit, when the trunk's last
+               blocks were fine-tuned: pool5 then comes from them); or finetune
+               (bbox.method: finetune)
     model      svm + bbox + finetune + the whole config but the settings below
 
 Settings that never change a result (`detector.config.RESULT_NEUTRAL`: `proposals.workers`,
@@ -50,11 +54,22 @@ def learned_proposals(cfg) -> bool:
     return cfg.proposals.method == "rpn"
 
 
+def tuned_trunk(cfg) -> bool:
+    """Whether fine-tuning trains the trunk's last blocks too."""
+    return bool(cfg.finetune.enabled and cfg.finetune.trunk_trainable_blocks > 0)
+
+
+def refit_proposals(cfg) -> bool:
+    """Whether the learned proposals' head is trained again on the fine-tuned trunk's maps."""
+    return learned_proposals(cfg) and tuned_trunk(cfg)
+
+
 STAGES = (
     StageSpec("features", reusable=False),
     StageSpec("rpn", outputs=lambda cfg: ("rpn.npz",), applies=learned_proposals),
     StageSpec("proposals", reusable=False),
     StageSpec("finetune", outputs=lambda cfg: ("finetune.npz",)),
+    StageSpec("rpn_refit", outputs=lambda cfg: ("rpn_refit.npz",), applies=refit_proposals),
     StageSpec("svm", outputs=lambda cfg: ("svm.npz",)),
     StageSpec("bbox", outputs=lambda cfg: ("bbox.npz",) if cfg.bbox.enabled else ()),
     StageSpec("model", outputs=lambda cfg: ("model.safetensors",)),
@@ -64,6 +79,8 @@ STAGE_NAMES = tuple(s.name for s in STAGES)
 # The learned proposals' settings that decide the boxes, not the head: the training windows'
 # count and the proposal step's own settings (post_nms_top_n is test time only).
 RPN_PROPOSAL_KEYS = ("train_top_n", "pre_nms_top_n", "nms_iou", "min_size", "post_nms_top_n")
+# Fine-tuning's settings of the trainable trunk blocks: left out of the digests while the trunk is frozen.
+TRUNK_KEYS = ("trunk_trainable_blocks", "trunk_lr_mult", "images_per_batch")
 
 
 def mirror_maps(cfg) -> bool:
@@ -108,16 +125,27 @@ def stage_digests(cfg, data_sig: str, feature_key: str, proposals_file: str | No
                           "levels": c["spp"]["levels"], "projection": c["spp"]["projection"],
                           "scale_rule": c["features"]["scale_rule"], "seed": c["seed"],
                           "target_norm": c["svm"]["target_norm"]})
-    ft = c["finetune"] if cfg.finetune.enabled else {"enabled": False}
+    ft = dict(c["finetune"]) if cfg.finetune.enabled else {"enabled": False}
+    if not tuned_trunk(cfg):  # the trunk's settings change nothing then (and older runs keep their digests)
+        for k in TRUNK_KEYS:
+            ft.pop(k, None)
     joint_box = box_layer_trained(cfg)
     if joint_box:  # the box layer trains with the fc layers
         ft = {**ft, "box_loss_weight": c["bbox"]["loss_weight"]}
     d["finetune"] = params_digest({"base": base, "finetune": ft, "features": d["features"]})
-    d["svm_rows"] = params_digest({"finetune": d["finetune"], "layer": c["svm"]["layer"]})
+    # with both, the rows are read from the refit head's proposals on the fine-tuned trunk
+    d["rpn_refit"] = params_digest({"finetune": d["finetune"], "proposals": proposals}) if refit_proposals(cfg) \
+        else "-"
+    svm_rows = {"finetune": d["finetune"], "layer": c["svm"]["layer"]}
+    if refit_proposals(cfg):
+        svm_rows["rpn_refit"] = d["rpn_refit"]
+    d["svm_rows"] = params_digest(svm_rows)
     d["svm"] = params_digest({"rows": d["svm_rows"], "svm": c["svm"]})
     rows = {"base": base, "iou": c["bbox"]["iou_thresh"]}
     if c["bbox"]["reference"] != "proposal":  # the rows hold the window boxes as their boxes
         rows["reference"] = c["bbox"]["reference"]
+    if tuned_trunk(cfg):  # pool5 is read from the fine-tuned trunk's maps (and its proposals, if learned)
+        rows["finetune"] = d["rpn_refit"] if refit_proposals(cfg) else d["finetune"]
     d["bbox_rows"] = params_digest(rows)
     if joint_box:
         d["bbox"] = params_digest({"finetune": d["finetune"], "method": "finetune"})
