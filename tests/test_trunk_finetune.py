@@ -260,3 +260,21 @@ def test_learned_proposals_are_trained_again_on_the_fine_tuned_trunk(tmp_path_fa
     assert moved > 0
     image = sorted((data / "JPEGImages").iterdir())[0]
     assert len(model.detect(str(image))["boxes"]) > 0
+
+
+def test_extract_features_fills_the_cache_that_training_reads(tmp_path):
+    from detector.config import load_config
+    from detector.datasets.synthetic import make_synthetic
+    from detector.detection.train.pipeline import prepare
+    from tests.conftest import ROOT
+    from tools import extract_features
+
+    data = make_synthetic(tmp_path / "data", num_train=3, num_test=1, image_size=(160, 120), seed=3)
+    over = ["finetune.trunk_trainable_blocks=1"]
+    argv = ["--dataset", str(data), "--split", "trainval", "--cache", str(tmp_path / "cache" / "features"),
+            "--config", str(ROOT / "configs" / "smoke.yaml"), "--set", *over]
+    assert extract_features.main(argv) == 0
+    r = prepare(str(data), str(tmp_path / "run"), load_config(ROOT / "configs" / "smoke.yaml", over),
+                cache_root=str(tmp_path / "cache"), progress=False)
+    assert r.first_cache.extractor.backbone.name.endswith("_first6")  # the blocks before the trainable one
+    assert all(r.first_cache.complete(rec.path) for rec in r.ds)

@@ -37,9 +37,8 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
 
     cfg = load_config(args.config, args.overrides)
-    from detector.core.backbones import build_backbone
-    from detector.core.feature_cache import FeatureCache, extract_all
-    from detector.core.features import FeatureExtractor
+    from detector.core.feature_cache import extract_all
+    from detector.detection.train.pipeline import feature_source
     from detector.distributed import check_shared_folder, init_from_env, log_shard, shard as share
     from detector.images import image_pixels, list_images
 
@@ -62,9 +61,7 @@ def main(argv=None) -> int:
     paths = [paths[k] for k in share([image_pixels(p) for p in paths], size=n, rank=i)]
     log_shard("features", len(paths))
     print(f"backbone={cfg.backbone.name} scales={cfg.features.scales} max_size={cfg.features.max_size}")
-    extractor = FeatureExtractor(build_backbone(cfg.backbone), cfg.features.scales, cfg.features.max_size,
-                                 cfg.features.device)
-    cache = FeatureCache(args.cache, extractor, cfg.features.cache_dtype)
+    cache = feature_source(cfg, args.cache)[2]  # the cache training reads (the first blocks' maps, if some train)
     t0 = time.perf_counter()
     stats = extract_all(paths, cache, flips=(False, True) if args.flip else (False,))
     dt = time.perf_counter() - t0

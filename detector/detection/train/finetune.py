@@ -183,8 +183,7 @@ def _resume(checkpoint: Optional[Path], head: FCHead, box: Optional[nn.Linear], 
     state = None if checkpoint is None else load_checkpoint(checkpoint)
     if state is None:
         return 0
-    for name, part in (("a box layer", box), ("trainable trunk blocks", tail)):
-        key = "box" if part is box else "tail"
+    for key, name, part in (("box", "a box layer", box), ("tail", "trainable trunk blocks", tail)):
         if (part is not None) != (key in state):
             log.warning("fine-tuning: %s was written %s %s; starting again", checkpoint,
                         "without" if part is not None else "with", name)
@@ -300,13 +299,12 @@ def draw_image_batch(rng: np.random.Generator, pools: WindowPools, by_image: lis
     at = np.concatenate(at)
     image_flip = rng.random(n_img) < 0.5 if fc.flip else np.zeros(n_img, bool)
     image_scale = rng.integers(0, n_scales, n_img) if n_scales > 1 else None
-    flips = image_flip[at]
+    flips = image_flip[at]  # an image drawn twice may get two flips or scales: tail_pooler runs both
     scales = None if image_scale is None else image_scale[at]
     t = None
     if targets:
         t = np.concatenate(targets).astype(np.float32)
         t[:, 0] *= np.where(flips, -1.0, 1.0)  # the mirrored window's centre moves the other way
-    # an image drawn twice (fewer images than images_per_batch) gets two flips or scales: two groups
     pairs = np.concatenate(pairs).astype(np.int64)
     return Batch(pairs, np.concatenate(labels), flips, scales, t)
 

@@ -456,6 +456,19 @@ STEPS = {
 PIPELINE = tuple((spec, STEPS[spec.name]) for spec in STAGES)  # a stage without code fails at import
 
 
+def feature_source(cfg: Config, features_root) -> tuple[Backbone, Optional[torch.nn.Module], FeatureCache]:
+    """(backbone, its trainable last blocks or None, the cache the features stage fills): the whole
+    trunk's maps, or with `finetune.trunk_trainable_blocks` k > 0 the maps of the blocks before
+    the last k (`tools/extract_features.py` fills the same cache)."""
+    backbone = build_backbone(cfg.backbone)
+    first, tail = split_trunk(backbone, cfg.finetune.trunk_trainable_blocks, "finetune.trunk_trainable_blocks")
+    extractor = FeatureExtractor(first, cfg.features.scales, cfg.features.max_size, cfg.features.device,
+                                 channels_last=cfg.features.channels_last, max_upscale=cfg.features.max_upscale)
+    if tail is not None:
+        tail.to(extractor.device).eval()
+    return backbone, tail, FeatureCache(features_root, extractor, cfg.features.cache_dtype)
+
+
 def prepare(dataset: str, run_dir: str, cfg: Config, train_split: str = "trainval", cache_root: str = "data/cache",
             progress: bool = True, image_dir: Optional[str] = None, proposals_file: Optional[str] = None) -> TrainRun:
     """Load the training set, build the backbone and feature cache, and compute every digest."""
@@ -473,15 +486,10 @@ def prepare(dataset: str, run_dir: str, cfg: Config, train_split: str = "trainva
               + (f"; {w.size} processes" if w.distributed else ""))
     r = TrainRun(cfg, run, Path(cache_root), ds, progress and w.main, StageRecords(run))
     torch.manual_seed(cfg.seed)  # before the backbone: building it draws from the generator, then the fc init does
-    r.backbone = build_backbone(cfg.backbone)
-    # with trainable last blocks, the cache holds the maps of the blocks before them
-    first, r.tail = split_trunk(r.backbone, cfg.finetune.trunk_trainable_blocks, "finetune.trunk_trainable_blocks")
-    extractor = FeatureExtractor(first, cfg.features.scales, cfg.features.max_size, cfg.features.device,
-                                 channels_last=cfg.features.channels_last, max_upscale=cfg.features.max_upscale)
-    r.first_cache = r.fcache = FeatureCache(r.cache / "features", extractor, cfg.features.cache_dtype)
-    r.maps = MapMemory(r.fcache, cfg.features.ram_cache_mb, extractor.device)
+    r.backbone, r.tail, r.first_cache = feature_source(cfg, r.cache / "features")
+    r.fcache = r.first_cache
+    r.maps = MapMemory(r.fcache, cfg.features.ram_cache_mb, r.fcache.extractor.device)
     if r.tail is not None:
-        r.tail.to(extractor.device).eval()
         r.first_maps = r.maps
         # a copy: the pretrained blocks' maps must not change when fine-tuning changes `tail`
         _whole_trunk_maps(r, copy.deepcopy(r.tail))
