@@ -122,31 +122,46 @@ class TrainRun:
 def run_rpn(r: TrainRun) -> dict:
     """Learned proposals: the head trained on the cached conv maps (rank 0; ~1 min on BCCD, so
     DistributedDataParallel on a 2-image batch would save little), written to rpn.npz."""
-    from detector.proposals import rpn as R
+    def new_head():
+        from detector.proposals import rpn as R
 
-    cfg, bb, info = r.cfg, r.backbone, {}
-    if world().main:
-        boxes = [rec.boxes for rec in r.ds]
-        spec = R.derive_anchors(boxes, [(rec.width, rec.height) for rec in r.ds], cfg.features.scales,
-                                cfg.features.max_size, bb.stride, bb.offset, sizes=cfg.rpn.anchor_sizes or None,
-                                ratios=cfg.rpn.anchor_ratios or None)
+        cfg, bb = r.cfg, r.backbone
+        spec = R.derive_anchors([rec.boxes for rec in r.ds], [(rec.width, rec.height) for rec in r.ds],
+                                cfg.features.scales, cfg.features.max_size, bb.stride, bb.offset,
+                                sizes=cfg.rpn.anchor_sizes or None, ratios=cfg.rpn.anchor_ratios or None)
         print(f"rpn anchors: {spec.rule}")
-        head = R.RPN(bb.channels, spec, R.proposal_settings(cfg.rpn), seed=cfg.seed).to(r.fcache.extractor.device)
-        info = R.train_rpn(head, r.features, boxes, R.train_config(cfg.rpn), cfg.seed,
-                           r.run / f"rpn_ckpt_{r.digests['rpn']}.pt", r.progress)
-        info["train_seconds"] = info.pop("seconds")  # the record's own "seconds" is the stage's
-        atomic_save_npz(r.run / "rpn.npz", **R.to_npz_arrays(head))
-    barrier()
-    reuse_rpn(r)
-    return info
+        return R.RPN(bb.channels, spec, R.proposal_settings(cfg.rpn), seed=cfg.seed).to(r.fcache.extractor.device)
+
+    return _fit_head(r, "rpn", new_head)
 
 
 def reuse_rpn(r: TrainRun) -> None:
+    _load_head(r, "rpn")
+
+
+def _fit_head(r: TrainRun, stage: str, start: Callable) -> dict:
+    """Train the proposal head `start()` gives on `r.features` (rank 0), write it to
+    RUN/<stage>.npz and load it back as `r.rpn` on every rank; returns the training summary."""
     from detector.proposals import rpn as R
 
-    z = load_npz(r.run / "rpn.npz")
+    info = {}
+    if world().main:
+        head = start()
+        info = R.train_rpn(head, r.features, [rec.boxes for rec in r.ds], R.train_config(r.cfg.rpn), r.cfg.seed,
+                           r.run / f"{stage}_ckpt_{r.digests[stage]}.pt", r.progress)
+        info["train_seconds"] = info.pop("seconds")  # the record's own "seconds" is the stage's
+        atomic_save_npz(r.run / f"{stage}.npz", **R.to_npz_arrays(head))
+    barrier()
+    _load_head(r, stage)
+    return info
+
+
+def _load_head(r: TrainRun, stage: str) -> None:
+    from detector.proposals import rpn as R
+
+    z = load_npz(r.run / f"{stage}.npz")
     if z is None:
-        raise CacheError(f"{r.run / 'rpn.npz'} is unreadable; delete it and run again")
+        raise CacheError(f"{r.run / f'{stage}.npz'} is unreadable; delete it and run again")
     r.rpn = R.from_npz_arrays(z, R.proposal_settings(r.cfg.rpn)).to(r.fcache.extractor.device)
 
 
@@ -182,27 +197,14 @@ def run_rpn_refit(r: TrainRun) -> dict:
     third step): the head, trained before fine-tuning on the pretrained trunk's maps, trained
     again from there on the fine-tuned trunk's, the maps it reads at test time; then the training
     images' proposals again, from it, for the SVMs and box regression (the fourth step)."""
-    from detector.proposals import rpn as R
-
-    info = {}
-    if world().main:
-        head = copy.deepcopy(r.rpn)
-        info = R.train_rpn(head, r.features, [rec.boxes for rec in r.ds], R.train_config(r.cfg.rpn), r.cfg.seed,
-                           r.run / f"rpn_refit_ckpt_{r.digests['rpn_refit']}.pt", r.progress)
-        info["train_seconds"] = info.pop("seconds")
-        atomic_save_npz(r.run / "rpn_refit.npz", **R.to_npz_arrays(head))
-    barrier()
-    reuse_rpn_refit(r)
+    first = r.rpn
+    info = _fit_head(r, "rpn_refit", lambda: copy.deepcopy(first))
+    r.images = _matched_images(r, learned_proposals(r))
     return info
 
 
 def reuse_rpn_refit(r: TrainRun) -> None:
-    from detector.proposals import rpn as R
-
-    z = load_npz(r.run / "rpn_refit.npz")
-    if z is None:
-        raise CacheError(f"{r.run / 'rpn_refit.npz'} is unreadable; delete it and run again")
-    r.rpn = R.from_npz_arrays(z, R.proposal_settings(r.cfg.rpn)).to(r.fcache.extractor.device)
+    _load_head(r, "rpn_refit")
     r.images = _matched_images(r, learned_proposals(r))  # cheap: one head pass per image
 
 
