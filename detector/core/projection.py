@@ -26,6 +26,11 @@ import numpy as np
 
 
 
+def _release_pull(stride: int, pull: Optional[float]) -> float:
+    """The "code" rule's inward pull of each edge: the release's 6.5 px at stride 16, scaled to the stride."""
+    return 6.5 * stride / 16.0 if pull is None else pull
+
+
 def project_boxes(boxes: np.ndarray, factor: float, stride: int, offset: float, map_size: tuple[int, int],
                   rule: str = "code", pull: Optional[float] = None) -> np.ndarray:
     """Map boxes (original-image pixels) to inclusive feature cells at one scale.
@@ -41,7 +46,7 @@ def project_boxes(boxes: np.ndarray, factor: float, stride: int, offset: float, 
     first = b[:, :2] + 0.5  # centres of the first and last pixels covered
     last = b[:, 2:] - 0.5
     if rule == "code":
-        p = 6.5 * stride / 16.0 if pull is None else pull
+        p = _release_pull(stride, pull)
         lo = np.floor((first - centre0 + p) / stride + 0.5)
         hi = np.ceil((last - centre0 - p) / stride - 0.5)
     elif rule == "paper":
@@ -101,7 +106,7 @@ def window_boxes(windows: np.ndarray, factor: float, stride: int, offset: float,
     w = np.asarray(windows, dtype=np.float64).reshape(-1, 4)
     centre0 = offset + 0.5
     if rule == "code":
-        p = 6.5 * stride / 16.0 if pull is None else pull
+        p = _release_pull(stride, pull)
         first = centre0 - p + stride * w[:, :2]
         last = centre0 + p + stride * w[:, 2:]
     elif rule == "paper":

@@ -331,14 +331,14 @@ def box_loss(deltas: torch.Tensor, labels: torch.Tensor, targets: torch.Tensor) 
 
 
 class _WithTail(nn.Module):
-    """The trainable last blocks of the trunk, the fc layers and the box layer (if any) as one
-    module: forward takes the batch's (image, row) pairs, runs the blocks on the cached maps,
-    pools and classifies.  The blocks stay in eval mode (batch norm keeps its ImageNet
-    statistics: one or two images make no batch to estimate them from)."""
+    """The trainable last blocks of the trunk before the fc layers (`fc`: the head, or
+    `_WithBox`) as one module: forward takes the batch's (image, row) pairs, runs the blocks on
+    the cached maps, pools, and gives what `fc` gives.  The blocks stay in eval mode (batch norm
+    keeps its ImageNet statistics: one or two images make no batch to estimate them from)."""
 
-    def __init__(self, head: FCHead, box: Optional[nn.Linear], tail: nn.Module, pool):
+    def __init__(self, fc: nn.Module, tail: nn.Module, pool):
         super().__init__()
-        self.head, self.box, self.tail, self._pool = head, box, tail, pool
+        self.fc, self.tail, self._pool = fc, tail, pool
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -346,11 +346,7 @@ class _WithTail(nn.Module):
         return self
 
     def forward(self, pairs: np.ndarray, flips: np.ndarray, scales: Optional[np.ndarray], masks: tuple):
-        v = self._pool(pairs, flips, scales, self.tail)
-        if self.box is None:
-            return self.head(v, masks)
-        logits, fc7 = self.head(v, masks, with_fc7=True)
-        return logits, self.box(fc7)
+        return self.fc(self._pool(pairs, flips, scales, self.tail), masks)
 
 
 class _WithBox(nn.Module):
@@ -388,15 +384,14 @@ def finetune(head: FCHead, images: Sequence[TrainImage], pool: PairPooler, fc: F
     if w.size > fc.batch_size:
         raise ConfigError(f"finetune.batch_size ({fc.batch_size}) is smaller than the number of processes ({w.size})")
     pools = window_pools(images, fc, box_targets=box is not None)
+    model = head if box is None else _WithBox(head, box)
     if tail is None:
-        model = head if box is None else _WithBox(head, box)
         groups = [{"params": list(model.parameters())}]
     else:
-        model = _WithTail(head, box, tail, pool)
-        by_image = image_pool_rows(pools, len(images))
-        fc_params = list(head.parameters()) + ([] if box is None else list(box.parameters()))
-        groups = [{"params": fc_params, "lr_mult": 1.0},
+        groups = [{"params": list(model.parameters()), "lr_mult": 1.0},
                   {"params": [p.requires_grad_(True) for p in tail.parameters()], "lr_mult": fc.trunk_lr_mult}]
+        model = _WithTail(model, tail, pool)
+        by_image = image_pool_rows(pools, len(images))
     if w.distributed:
         from torch.nn.parallel import DistributedDataParallel
 
